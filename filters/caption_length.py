@@ -1,0 +1,21 @@
+"""Caption length: keep captions with more than two words (PMD's rule), counted on whitespace."""
+
+from __future__ import annotations
+
+import polars as pl
+
+
+class CaptionLength:
+    name = "caption_length"
+    reason = "too_few_words"
+
+    def __init__(self, min_words: int = 3, max_words: int | None = None):
+        self.min_words = int(min_words)
+        self.max_words = None if max_words is None else int(max_words)
+
+    def score(self, captions: pl.Series) -> pl.Series:
+        return captions.fill_null("").str.count_matches(r"\S+").cast(pl.Float64)
+
+    def keep(self, scores: pl.Series) -> pl.Series:
+        keep = scores >= self.min_words
+        return keep if self.max_words is None else keep & (scores <= self.max_words)

@@ -1,0 +1,156 @@
+"""The build configuration: one TOML file loaded into dataclasses, resolved, hashed and saved with the output."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pmd_pipeline.errors import PmdError
+
+FORMAT_VERSION = 1  # bump when the shard layout changes; part of the config hash
+
+
+@dataclass
+class SourceConfig:
+    name: str
+    metadata: list[str] = field(default_factory=list)  # raw metadata files, read in this order
+    images: dict[str, str] = field(default_factory=dict)  # local image archives by role (e.g. train2014)
+    options: dict[str, Any] = field(default_factory=dict)  # source-specific rules (see `pmd sources`)
+    enabled: bool = True
+    limit: int | None = None  # stop after this many candidate rows (for samples and smoke runs)
+
+
+@dataclass
+class FilterConfig:
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ImageConfig:
+    size: int = 224
+    resize_mode: str = "center_crop"  # img2dataset resize modes: center_crop, keep_ratio, border, no
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+
+
+@dataclass
+class FetchConfig:
+    thread_count: int = 32  # download threads per shard task
+    timeout_s: float = 10.0
+    retries: int = 2
+    mirror: str = ""  # URL prefix replacing scheme+host: https://h/p -> {mirror}/h/p
+    user_agent_token: str = "pmd-pipeline"
+
+
+@dataclass
+class RunConfig:
+    """How the build runs. Not part of the config hash: changing it never invalidates an output."""
+
+    ray_address: str = ""  # empty: start a local Ray instance
+    num_cpus: int | None = None  # local Ray only; None = all cores
+    max_in_flight: int = 0  # shard tasks in flight; 0 = twice the cluster's CPUs
+    shard_retries: int = 3
+
+
+@dataclass
+class BuildConfig:
+    out: str = "pmd_out"
+    shard_size: int = 1000
+    sources: list[SourceConfig] = field(default_factory=list)
+    filters: list[FilterConfig] = field(default_factory=lambda: [FilterConfig("caption_length")])
+    image: ImageConfig = field(default_factory=ImageConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def enabled_sources(self) -> list[SourceConfig]:
+        return [s for s in self.sources if s.enabled]
+
+    def content_hash(self) -> str:
+        """Hash of everything that decides what the shards contain (not how fast or from which mirror)."""
+        content = {
+            "format_version": FORMAT_VERSION,
+            "shard_size": self.shard_size,
+            "sources": [dataclasses.asdict(s) for s in self.enabled_sources()],
+            "filters": [dataclasses.asdict(f) for f in self.filters],
+            "image": dataclasses.asdict(self.image),
+        }
+        blob = json.dumps(content, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path) -> BuildConfig:
+    """Read a TOML config (data only, never executed); relative paths are taken from the file's folder."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PmdError(f"config file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise PmdError(f"config file {path} is not valid TOML ({err}); fix the file and run again") from None
+    return config_from_dict(raw, base_dir=path.resolve().parent)
+
+
+def config_from_dict(raw: dict, base_dir: Path) -> BuildConfig:
+    raw = dict(raw)
+    sources = [_source_from(name, spec, base_dir) for name, spec in (raw.pop("sources", {}) or {}).items()]
+    filters = [_filter_from(spec) for spec in raw.pop("filters", [{"name": "caption_length"}])]
+    sections = {name: _section(cls, raw.pop(name, {}), name) for name, cls in _SECTIONS.items()}
+    cfg = _build(BuildConfig, raw, "top level", sources=sources, filters=filters, **sections)
+    cfg.out = str(_resolve(cfg.out, base_dir))
+    if cfg.shard_size < 1:
+        raise PmdError("config: shard_size must be at least 1")
+    return cfg
+
+
+_SECTIONS = {"image": ImageConfig, "fetch": FetchConfig, "run": RunConfig}
+
+
+def _source_from(name: str, spec: dict, base_dir: Path) -> SourceConfig:
+    if not isinstance(spec, dict):
+        raise PmdError(f"config: [sources.{name}] must be a table")
+    spec = dict(spec)
+    spec["metadata"] = [str(_resolve(p, base_dir)) for p in _as_list(spec.get("metadata", []))]
+    spec["images"] = {k: str(_resolve(v, base_dir)) for k, v in spec.get("images", {}).items()}
+    return _build(SourceConfig, spec, f"[sources.{name}]", name=name)
+
+
+def _filter_from(spec: dict) -> FilterConfig:
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise PmdError("config: every [[filters]] entry needs a name")
+    params = {k: v for k, v in spec.items() if k != "name"}
+    return FilterConfig(name=spec["name"], params=params)
+
+
+def _section(cls, values: dict, name: str):
+    if not isinstance(values, dict):
+        raise PmdError(f"config: [{name}] must be a table")
+    return _build(cls, values, f"[{name}]")
+
+
+def _build(cls, values: dict, where: str, **extra):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise PmdError(f"config {where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    try:
+        return cls(**values, **extra)
+    except TypeError as err:
+        raise PmdError(f"config {where}: {err}") from None
+
+
+def _as_list(value) -> list:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _resolve(p: str, base_dir: Path) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()

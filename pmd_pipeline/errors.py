@@ -1,0 +1,5 @@
+"""User-facing errors: one line that says what is wrong and what to do."""
+
+
+class PmdError(Exception):
+    """A configuration, input or dependency problem that stops the run with a one-line message."""

@@ -1,0 +1,111 @@
+"""The contract every source module fulfils: what it is (SourceInfo) and how it reads raw metadata (read)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import polars as pl
+
+from pmd_pipeline.config import SourceConfig
+from pmd_pipeline.errors import PmdError
+
+# One candidate row per unique image (after cropping). `captions[i]` came from `caption_fields[i]`.
+# caption_mode "all": every caption that passes the filters is kept.
+# caption_mode "first_passing": captions are alternatives in priority order (YFCC: description, then title);
+# the first one that passes the filters is the row's only caption.
+CANDIDATE_SCHEMA = {
+    "key": pl.Utf8,
+    "source": pl.Utf8,
+    "image_url": pl.Utf8,
+    "image_path": pl.Utf8,  # a local file, or "archive.zip::member" / "archive.tar::member"
+    "crop_box": pl.List(pl.Int64),  # [left, top, right, bottom] in original pixels, or null
+    "captions": pl.List(pl.Utf8),
+    "caption_fields": pl.List(pl.Utf8),
+    "caption_mode": pl.Utf8,
+    "license": pl.Utf8,
+    "meta": pl.Utf8,  # the original raw record, as JSON
+    "drop_reason": pl.Utf8,  # set when a source rule drops the row (e.g. karpathy_split_excluded), else null
+}
+
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def make_key(source_prefix: str, original_id: str | int) -> str:
+    """A sample key from the source and its own id: stable across runs, no dots or path separators."""
+    return f"{source_prefix}_{_UNSAFE_KEY_CHARS.sub('-', str(original_id))}"
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What `pmd sources` and the README table show about a source."""
+
+    name: str
+    title: str
+    raw_files: str
+    images_from: str
+    rules: str
+    license: str
+    paper_pairs: float  # millions of pairs in FLAVA's Table 2 (0 for unimodal sources)
+    paper_avg_words: float
+
+
+@dataclass
+class Reject:
+    file: str
+    line: int
+    reason: str
+    raw: str
+
+
+@dataclass
+class RejectLog:
+    """Malformed raw records: counted and kept aside with file and line; the build goes on."""
+
+    rejects: list[Reject] = field(default_factory=list)
+
+    def add(self, file: str | Path, line: int, reason: str, raw: str | bytes = "") -> None:
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8", errors="replace")
+        self.rejects.append(Reject(str(file), line, reason, raw[:2000]))
+
+    def __len__(self) -> int:
+        return len(self.rejects)
+
+    def write_jsonl(self, path: Path) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            for r in self.rejects:
+                f.write(json.dumps(r.__dict__, ensure_ascii=False) + "\n")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A registered source: its description and its reader."""
+
+    info: SourceInfo
+    read: Callable[[SourceConfig, RejectLog], Iterator[pl.DataFrame]]
+    repeats_keys: bool = False  # True when one image can appear on several raw rows (merge their captions)
+
+
+def candidates_frame(rows: list[dict]) -> pl.DataFrame:
+    """Build a candidate batch with the exact contract schema (missing columns are null)."""
+    columns = {name: [r.get(name) for r in rows] for name in CANDIDATE_SCHEMA}
+    return pl.DataFrame(columns, schema=CANDIDATE_SCHEMA)
+
+
+def require_files(cfg: SourceConfig, minimum: int = 1) -> list[Path]:
+    """The source's metadata files, or a one-line error that names the missing one."""
+    paths = [Path(p) for p in cfg.metadata]
+    if len(paths) < minimum:
+        raise PmdError(f"source {cfg.name}: set `metadata` to its raw metadata file(s) in the config")
+    for p in paths:
+        if not p.is_file():
+            raise PmdError(f"source {cfg.name}: metadata file not found: {p}")
+    return paths
+
+
+def meta_json(record) -> str:
+    return json.dumps(record, ensure_ascii=False, sort_keys=False)

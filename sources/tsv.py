@@ -1,0 +1,40 @@
+"""Streaming reader for headerless TSV metadata: one record per line, malformed lines go to the reject log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from sources.base import RejectLog
+
+MAX_LINE_BYTES = 1 << 20  # a metadata line longer than 1 MiB is corrupt, not a caption
+
+
+def read_tsv_lines(path: Path, expected_fields: int, rejects: RejectLog) -> Iterator[tuple[int, list[str]]]:
+    """Yield (1-based line number, fields) for every well-formed line; reject the rest with a reason."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            fields = _parse_line(raw, expected_fields)
+            if isinstance(fields, str):
+                rejects.add(path, line_no, fields, raw[:2000])
+            elif fields is not None:
+                yield line_no, fields
+
+
+def _parse_line(raw: bytes, expected_fields: int) -> list[str] | str | None:
+    """The fields, a reject reason, or None for a blank line."""
+    if len(raw) > MAX_LINE_BYTES:
+        return "line_too_long"
+    if b"\x00" in raw:
+        return "nul_byte"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "invalid_utf8"
+    text = text.rstrip("\r\n")
+    if not text.strip():
+        return None
+    fields = text.split("\t")
+    if len(fields) != expected_fields:
+        return "wrong_column_count"
+    return fields
