@@ -14,6 +14,7 @@ REGISTRY: dict[str, type] = {
 }
 
 UNUSED_ALTERNATIVE = "unused_alternative"  # a first_passing row's later fallbacks once one caption passed
+IMAGE_ONLY = "image_only"  # caption_mode of unimodal image rows: no caption to filter, the row is kept
 
 
 def build_filters(configs: list[FilterConfig]) -> list[CaptionFilter]:
@@ -35,7 +36,8 @@ def apply_filters(rows: pl.DataFrame, filters: list[CaptionFilter]) -> pl.DataFr
     drop_reason, else the reason of its last rejected caption (for YFCC: why the title fallback failed).
     """
     rows = rows.with_row_index("_row")
-    captions = _explode_captions(rows.filter(pl.col("drop_reason").is_null()))
+    has_captions = pl.col("drop_reason").is_null() & (pl.col("caption_mode") != IMAGE_ONLY)
+    captions = _explode_captions(rows.filter(has_captions))
     for f in filters:
         captions = _run_filter(captions, f)
     captions = _pick_first_passing(captions)
@@ -44,6 +46,8 @@ def apply_filters(rows: pl.DataFrame, filters: list[CaptionFilter]) -> pl.DataFr
     reason = (
         pl.when(pl.col("drop_reason").is_not_null())
         .then(pl.col("drop_reason"))
+        .when(pl.col("caption_mode") == IMAGE_ONLY)
+        .then(None)
         .when(pl.col("kept_captions").list.len().fill_null(0) == 0)
         .then(pl.col("_last_reason").fill_null("no_caption"))
     )

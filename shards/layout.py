@@ -78,6 +78,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; shards are meant to be read by others
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

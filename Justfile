@@ -1,0 +1,35 @@
+# PMD pipeline tasks. The tools come from .venv (created by ./setup.sh).
+set shell := ["bash", "-euo", "pipefail", "-c"]
+export PATH := justfile_directory() + "/.venv/bin:" + env_var("PATH")
+
+# List the recipes
+default:
+    @just --list
+
+# Build a small PMD from the embedded sample (or: just build-pmd --config my.toml --out /data/pmd)
+build-pmd *ARGS:
+    pmd build {{ARGS}}
+
+# Pretrain FLAVA on built shards
+pretrain *ARGS:
+    pmd pretrain {{ARGS}}
+
+# Shard statistics of a build folder
+stats OUT="pmd_out" *ARGS:
+    pmd stats {{OUT}} {{ARGS}}
+
+# The default test run: offline, no GPU, under ~10 minutes (pytest exit 5 = no tests = failure)
+test *ARGS:
+    python -m pytest -m "not slow" {{ARGS}}
+
+# Every test, the slow ones included (CI runs this)
+test-all *ARGS:
+    python -m pytest {{ARGS}}
+
+# Measure the issues' figures and print them (see BENCHMARKS.md)
+bench *ARGS:
+    python -m benchmarks {{ARGS}}
+
+# Lint
+lint:
+    ruff check pmd_pipeline sources filters shards tests benchmarks

@@ -1,0 +1,101 @@
+"""`pmd build`: plan every source, then process shards as Ray tasks (bounded, retried, resumable), then the manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import ray
+
+from pmd_pipeline.config import BuildConfig
+from pmd_pipeline.errors import PmdError
+from pmd_pipeline.manifest import write_manifest
+from pmd_pipeline.output import claim_output
+from pmd_pipeline.plan import plan_source
+from pmd_pipeline.process import process_shard
+from shards.layout import ShardPaths
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class BuildResult:
+    shards_total: int = 0
+    shards_skipped: int = 0  # finished by an earlier run
+    shards_done: int = 0
+    shards_failed: list[str] = dataclasses.field(default_factory=list)
+    manifest: dict | None = None
+
+
+def build(cfg: BuildConfig, on_progress: Callable[[int, int], None] | None = None) -> BuildResult:
+    """Run the whole build on the Ray instance this process is connected to (the CLI starts or joins one)."""
+    if not ray.is_initialized():
+        raise PmdError("build() needs Ray: call ray.init() first (the `pmd build` command does this for you)")
+    if not cfg.enabled_sources():
+        raise PmdError("the config enables no source; add a [sources.<name>] table (see `pmd sources`)")
+    claim_output(cfg)
+    plans = ray.get([_plan_task.remote(cfg, s) for s in cfg.enabled_sources()])
+    shards = [ShardPaths(Path(cfg.out), p["source"], i) for p in plans for i in range(p["shards"])]
+    result = BuildResult(shards_total=len(shards))
+    todo = [s for s in shards if not s.is_done()]
+    result.shards_skipped = len(shards) - len(todo)
+    _run_shards(cfg, todo, result, on_progress)
+    if result.shards_failed:
+        return result
+    result.manifest = write_manifest(cfg)
+    shutil.rmtree(Path(cfg.out) / "_work", ignore_errors=True)
+    return result
+
+
+@ray.remote(num_cpus=1)
+def _plan_task(cfg: BuildConfig, source_cfg) -> dict:
+    return plan_source(cfg, source_cfg)
+
+
+@ray.remote(num_cpus=1)
+def _shard_task(cfg: BuildConfig, paths: ShardPaths) -> dict:
+    return process_shard(cfg, paths)
+
+
+def _run_shards(cfg: BuildConfig, todo: list[ShardPaths], result: BuildResult, on_progress) -> None:
+    """Keep at most `max_in_flight` shard tasks running; Ray retries each failed task `shard_retries` times."""
+    limit = cfg.run.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    task = _shard_task.options(max_retries=cfg.run.shard_retries, retry_exceptions=True)
+    queue = list(reversed(todo))
+    in_flight: dict = {}
+    while queue or in_flight:
+        while queue and len(in_flight) < limit:
+            paths = queue.pop()
+            in_flight[task.remote(cfg, paths)] = paths
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        paths = in_flight.pop(ready[0])
+        _collect(ready[0], paths, result)
+        if on_progress:
+            on_progress(result.shards_done + len(result.shards_failed), len(todo))
+
+
+def _collect(ref, paths: ShardPaths, result: BuildResult) -> None:
+    try:
+        ray.get(ref)
+        result.shards_done += 1
+    except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as err:
+        log.error("shard %s failed after retries: %s", paths.tar, err)
+        result.shards_failed.append(str(paths.tar))
+
+
+def validate(cfg: BuildConfig) -> None:
+    """Fail at once, before any work, on unknown names and missing inputs."""
+    from filters import build_filters
+    from sources import get_source
+    from sources.base import require_files
+
+    build_filters(cfg.filters)
+    for source_cfg in cfg.enabled_sources():
+        get_source(source_cfg.name)
+        require_files(source_cfg)
+        for role, archive in source_cfg.images.items():
+            if not Path(archive).exists():
+                raise PmdError(f"source {source_cfg.name}: image archive `{role}` not found: {archive}")

@@ -1,0 +1,181 @@
+"""The `pmd` command: one verb per subcommand (build, sources, stats, pretrain)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+
+from pmd_pipeline.config import BuildConfig, load_config
+from pmd_pipeline.errors import PmdError
+
+app = typer.Typer(help="Rebuild PMD as webdataset shards and pretrain FLAVA on them.", no_args_is_help=True)
+console = Console(stderr=True)
+
+
+def main() -> None:
+    app()
+
+
+@app.command()
+def build(
+    config: Path = typer.Option(None, "--config", "-c", help="TOML build config; none = the embedded default sample."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder (overrides the config's `out`)."),
+    mirror: str = typer.Option(None, help="URL prefix replacing scheme+host of every image URL (a cache or mirror)."),
+    ray_address: str = typer.Option(None, help="Join this Ray cluster instead of starting a local one."),
+    workers: int = typer.Option(None, help="CPUs of the local Ray instance (default: all cores)."),
+) -> None:
+    """Build shards: plan -> filter -> fetch -> write -> manifest. Re-running resumes; finished shards are kept."""
+    with _errors_as_messages():
+        cfg = _build_config(config, out)
+        if mirror is not None:
+            cfg.fetch.mirror = mirror
+        if ray_address is not None:
+            cfg.run.ray_address = ray_address
+        if workers is not None:
+            cfg.run.num_cpus = workers
+        with _embedded_mirror(cfg, embedded=config is None):
+            result = _run_build(cfg)
+        _report_build(cfg, result)
+        if result.shards_failed:
+            raise typer.Exit(1)
+
+
+def _build_config(config: Path | None, out: Path | None) -> BuildConfig:
+    if config is None:
+        from pmd_pipeline.embedded import default_config
+
+        return default_config(str(out or "pmd_out"))
+    cfg = load_config(config)
+    if out is not None:
+        cfg.out = str(out.resolve())
+    return cfg
+
+
+@contextlib.contextmanager
+def _embedded_mirror(cfg: BuildConfig, embedded: bool):
+    """The embedded default serves its URL images from OUT/_embedded/mirror on 127.0.0.1 while it builds."""
+    if not embedded:
+        yield
+        return
+    from pmd_pipeline.embedded import materialize
+    from pmd_pipeline.mirror import StaticServer
+    from pmd_pipeline.output import claim_output
+
+    claim_output(cfg)
+    root = materialize(cfg.out)
+    with StaticServer(root / "mirror") as server:
+        cfg.fetch.mirror = server.url
+        yield
+
+
+def _run_build(cfg: BuildConfig):
+    from pmd_pipeline.build import build as run_build, validate
+
+    validate(cfg)
+    _start_ray(cfg)
+    with Progress("[bold]shards", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("build", total=None)
+        return run_build(cfg, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def _start_ray(cfg: BuildConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.run.ray_address:
+        ray.init(address=cfg.run.ray_address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+
+
+def _report_build(cfg: BuildConfig, result) -> None:
+    console.print(
+        f"[bold]{cfg.out}[/]: {result.shards_total} shards, {result.shards_done} built now, "
+        f"{result.shards_skipped} already finished, {len(result.shards_failed)} failed"
+    )
+    for shard in result.shards_failed:
+        console.print(f"[red]failed:[/] {shard} (re-run the same command to retry it)")
+    if result.manifest:
+        totals = result.manifest["totals"]
+        console.print(
+            f"{totals['samples_written']} samples, {totals['pairs_written']} pairs from {totals['rows_in']} rows "
+            f"({totals['rejected_raw_records']} malformed raw records kept aside). `pmd stats {cfg.out}` for more."
+        )
+
+
+@app.command()
+def sources() -> None:
+    """List every registered source: raw files, where images come from, rules, licence, the paper's counts."""
+    from sources import REGISTRY
+
+    table = Table("source", "raw files", "images from", "rules", "licence", "paper pairs (M)", "avg words")
+    for name, source in sorted(REGISTRY.items()):
+        i = source.info
+        table.add_row(name, i.raw_files, i.images_from, i.rules, i.license, f"{i.paper_pairs:g}", f"{i.paper_avg_words:g}")
+    Console().print(table)
+
+
+@app.command()
+def stats(
+    out: Path = typer.Argument(..., help="A build output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
+    source: str = typer.Option(None, help="Only this source."),
+) -> None:
+    """Per-source and total statistics of a build, read from the shard stats files (never the tars)."""
+    from shards.stats import collect_stats
+
+    with _errors_as_messages():
+        report = collect_stats(out, source)
+    if as_json:
+        print(json.dumps(report, indent=1))
+        return
+    Console().print(_stats_table(report))
+
+
+def _stats_table(report: dict) -> Table:
+    table = Table("source", "shards", "rows in", "malformed", "samples", "pairs", "fetch ok", "words/pair",
+                  "top failures", "top drops", "MiB", title="PMD build statistics")
+    rows = list(report["sources"].items()) + [("total", report["total"])]
+    for name, s in rows:
+        rate = f"{s['fetch_success_rate']:.1%}" if s["fetch_success_rate"] is not None else "-"
+        table.add_row(
+            name, f"{s['shards']}/{s['shards_planned']}", str(s["rows_in"]), str(s["rejected_raw_records"]),
+            str(s["samples_written"]), str(s["pairs_written"]), rate, str(s["mean_caption_words"] or "-"),
+            _top(s["rows_failed"]), _top(s["rows_dropped"]), f"{s['tar_bytes'] / 2**20:.1f}",
+        )
+    return table
+
+
+def _top(counts: dict, n: int = 3) -> str:
+    return ", ".join(f"{k} {v}" for k, v in list(counts.items())[:n]) or "-"
+
+
+@app.command()
+def pretrain() -> None:
+    """FLAVA joint pretraining on built shards (arrives with issue 4/6 of the roadmap)."""
+    console.print("pmd pretrain: not yet available; the trainer lands with the 'bundled FLAVA trainer' issue.")
+    raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _errors_as_messages():
+    """A PmdError (also one raised inside a Ray task) becomes one line on stderr and exit code 2."""
+    try:
+        yield
+    except PmdError as err:
+        cause = getattr(err, "cause", None)
+        console.print(f"[red]error:[/] {cause if isinstance(cause, PmdError) else err}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

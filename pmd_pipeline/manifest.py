@@ -1,0 +1,58 @@
+"""OUT/manifest.json: the resolved config, its hash, package versions, per-shard counts and sha256."""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from pathlib import Path
+
+from pmd_pipeline.config import BuildConfig
+from pmd_pipeline.plan import PLAN_MARKER
+from shards.layout import atomic_write_json, plan_folder
+
+PACKAGES = ("pmd-pipeline", "img2dataset", "webdataset", "ray", "polars", "pyarrow", "torch", "transformers")
+MANIFEST = "manifest.json"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def write_manifest(cfg: BuildConfig) -> dict:
+    out = Path(cfg.out)
+    sources = {s.name: _source_entry(out, s.name) for s in cfg.enabled_sources()}
+    manifest = {
+        "format_version": 1,
+        "config_hash": cfg.content_hash(),
+        "config": cfg.to_dict(),
+        "versions": package_versions(),
+        "sources": sources,
+        "totals": {
+            key: sum(s[key] for s in sources.values())
+            for key in ("shards", "rows_in", "samples_written", "pairs_written", "rejected_raw_records")
+        },
+    }
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def _source_entry(out: Path, source: str) -> dict:
+    plan = json.loads((plan_folder(out, source) / PLAN_MARKER).read_text())
+    shards = [json.loads(p.read_text()) for p in sorted((out / source).glob("*_stats.json"))]
+    return {
+        "shards": len(shards),
+        "rows_in": sum(s["rows_in"] for s in shards),
+        "samples_written": sum(s["samples_written"] for s in shards),
+        "pairs_written": sum(s["pairs_written"] for s in shards),
+        "rejected_raw_records": plan["rejected_raw_records"],
+        "shard_files": [
+            {"tar": f"{source}/{s['shard']}.tar", "samples": s["samples_written"], "sha256": s["tar_sha256"]}
+            for s in shards
+        ],
+    }

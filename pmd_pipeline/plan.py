@@ -1,0 +1,111 @@
+"""Plan stage: read one source's raw metadata into fixed-size plan shards of candidate rows.
+
+Streaming: a source's batches go straight into plan shards, so memory stays flat however large the
+metadata is. Sources whose raw rows can repeat an image (CC3M lists some URLs twice) are first
+spilled to parquet parts and merged by key, so each image is one sample holding all its captions.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import polars as pl
+
+from pmd_pipeline.config import BuildConfig, SourceConfig
+from shards.layout import ShardPaths, atomic_write_json, plan_folder
+from sources import get_source
+from sources.base import CANDIDATE_SCHEMA, RejectLog
+
+PLAN_MARKER = "_plan.json"
+
+
+def plan_source(cfg: BuildConfig, source_cfg: SourceConfig) -> dict:
+    """Write OUT/_plan/<source>/<NNNNN>.parquet and the marker; an already planned source is not re-read."""
+    out = Path(cfg.out)
+    folder = plan_folder(out, source_cfg.name)
+    marker = folder / PLAN_MARKER
+    if marker.exists():
+        return json.loads(marker.read_text())
+    shutil.rmtree(folder, ignore_errors=True)  # a partial plan from a crashed run: plans are deterministic
+    folder.mkdir(parents=True)
+    source = get_source(source_cfg.name)
+    rejects = RejectLog()
+    batches = _limited(source.read(source_cfg, rejects), source_cfg.limit)
+    if source.repeats_keys:
+        batches = _merged_by_key(batches, folder / "_parts")
+    shards, rows = _write_plan_shards(batches, out, source_cfg.name, cfg.shard_size)
+    summary = _summary(source_cfg.name, shards, rows, rejects)
+    _write_rejects(out, source_cfg.name, rejects)
+    atomic_write_json(marker, summary)
+    return summary
+
+
+def _limited(batches: Iterator[pl.DataFrame], limit: int | None) -> Iterator[pl.DataFrame]:
+    seen = 0
+    for batch in batches:
+        if limit is not None and seen + batch.height >= limit:
+            yield batch.head(limit - seen)
+            return
+        seen += batch.height
+        yield batch
+
+
+def _merged_by_key(batches: Iterator[pl.DataFrame], parts: Path) -> Iterator[pl.DataFrame]:
+    """Merge rows that share a key: captions concatenated in input order, other fields from the first row."""
+    parts.mkdir()
+    for i, batch in enumerate(batches):
+        batch.write_parquet(parts / f"part-{i:06d}.parquet")
+    if not any(parts.iterdir()):
+        return
+    firsts = [pl.col(c).first() for c in CANDIDATE_SCHEMA if c not in ("key", "captions", "caption_fields")]
+    merged = (
+        pl.scan_parquet(parts / "*.parquet")
+        .group_by("key", maintain_order=True)
+        .agg(*firsts, *(pl.col(c).list.explode(keep_nulls=False, empty_as_null=False) for c in ("captions", "caption_fields")))
+        .select(list(CANDIDATE_SCHEMA))
+        .collect()
+    )
+    shutil.rmtree(parts)
+    yield merged
+
+
+def _write_plan_shards(batches: Iterator[pl.DataFrame], out: Path, source: str, shard_size: int) -> tuple[int, int]:
+    pending: list[pl.DataFrame] = []
+    buffered = shards = rows = 0
+    for batch in batches:
+        pending.append(batch)
+        buffered += batch.height
+        while buffered >= shard_size:
+            chunk = pl.concat(pending)
+            _write_plan_shard(ShardPaths(out, source, shards), chunk.head(shard_size))
+            pending, buffered = [chunk.slice(shard_size)], buffered - shard_size
+            shards, rows = shards + 1, rows + shard_size
+    if buffered:
+        _write_plan_shard(ShardPaths(out, source, shards), pl.concat(pending))
+        shards, rows = shards + 1, rows + buffered
+    return shards, rows
+
+
+def _write_plan_shard(paths: ShardPaths, rows: pl.DataFrame) -> None:
+    rows.write_parquet(paths.plan)
+
+
+def _summary(source: str, shards: int, rows: int, rejects: RejectLog) -> dict:
+    return {
+        "source": source,
+        "shards": shards,
+        "rows": rows,
+        "rejected_raw_records": len(rejects),
+        "rejected_by_reason": dict(Counter(r.reason for r in rejects.rejects)),
+    }
+
+
+def _write_rejects(out: Path, source: str, rejects: RejectLog) -> None:
+    """Malformed raw records, kept aside with file and line: OUT/<source>/_rejects.jsonl."""
+    folder = out / source
+    folder.mkdir(parents=True, exist_ok=True)
+    rejects.write_jsonl(folder / "_rejects.jsonl")

@@ -1,0 +1,42 @@
+"""The per-shard stages: filter -> fetch -> write; the stats file written last marks the shard finished."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import polars as pl
+
+from filters import apply_filters, build_filters
+from pmd_pipeline.config import BuildConfig
+from pmd_pipeline.fetch import fetch_urls, read_local
+from shards.layout import ShardPaths, atomic_write_json
+from shards.writer import write_shard
+
+
+def process_shard(cfg: BuildConfig, paths: ShardPaths) -> dict:
+    """Turn one plan shard into a finished shard; a finished shard is returned as is, never rewritten."""
+    if paths.is_done():
+        return {"skipped": True, "source": paths.source, "shard": paths.name}
+    started = time.time()
+    rows = filter_rows(cfg, pl.read_parquet(paths.plan))
+    fetched = fetch_images(cfg, rows, paths)
+    stats = write_shard(paths, rows, fetched)
+    stats["seconds"] = round(time.time() - started, 3)
+    atomic_write_json(paths.stats, stats)  # last: the completion marker
+    shutil.rmtree(paths.work, ignore_errors=True)
+    return stats
+
+
+def filter_rows(cfg: BuildConfig, plan: pl.DataFrame) -> pl.DataFrame:
+    return apply_filters(plan, build_filters(cfg.filters))
+
+
+def fetch_images(cfg: BuildConfig, rows: pl.DataFrame, paths: ShardPaths) -> dict:
+    wanted = rows.filter(pl.col("reason").is_null())
+    from_urls = wanted.filter(pl.col("image_url").is_not_null() & pl.col("image_path").is_null())
+    from_files = wanted.filter(pl.col("image_path").is_not_null())
+    fetched = fetch_urls(from_urls.select("key", "image_url"), cfg, paths.work) if from_urls.height else {}
+    if from_files.height:
+        fetched.update(read_local(from_files.select("key", "image_path", "crop_box"), cfg))
+    return fetched

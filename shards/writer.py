@@ -1,0 +1,157 @@
+"""Write one shard: the webdataset tar of its samples and the parquet of every input row with its status."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+import webdataset as wds
+
+from pmd_pipeline.fetch import Fetched
+from shards.layout import IMAGE_EXT, JSON_EXT, TEXT_EXT, ShardPaths, check_safe_name, temp_path_for
+
+WRITTEN, DROPPED, FAILED = "written", "dropped", "failed"
+
+
+def write_shard(paths: ShardPaths, rows: pl.DataFrame, fetched: dict[str, Fetched]) -> dict:
+    """Write tar then parquet (each atomically) and return the shard's stats (the caller writes them last).
+
+    `rows` are the shard's filtered plan rows: `reason` null means the row was meant to become a sample;
+    `fetched` holds the image outcome of every such row that has an image.
+    """
+    paths.folder.mkdir(parents=True, exist_ok=True)
+    outcomes = [_outcome(row, fetched) for row in rows.iter_rows(named=True)]
+    tar_bytes, tar_sha256 = _write_tar(paths.tar, rows, outcomes)
+    table = _status_table(rows, outcomes)
+    _write_parquet_atomic(table, paths.parquet)
+    return shard_stats(paths, table, tar_bytes, tar_sha256)
+
+
+def _outcome(row: dict, fetched: dict[str, Fetched]) -> tuple[str, str | None, Fetched | None]:
+    """(status, reason, fetched) for one plan row."""
+    if row["reason"] is not None:
+        return DROPPED, row["reason"], None
+    if row["image_url"] is None and row["image_path"] is None:
+        return WRITTEN, None, None  # a text-only sample
+    result = fetched.get(row["key"]) or Fetched(reason="not_fetched", error="no fetch outcome was recorded")
+    if result.jpg is None:
+        return FAILED, result.reason, result
+    return WRITTEN, None, result
+
+
+def _write_tar(path: Path, rows: pl.DataFrame, outcomes) -> tuple[int, str]:
+    """Samples in plan order with fixed tar headers, so the same inputs give the same bytes."""
+    tmp = temp_path_for(path)
+    try:
+        with open(tmp, "wb") as f:
+            with wds.TarWriter(f, user="pmd", group="pmd", mode=0o444, mtime=0, encoder=False) as tar:
+                for row, (status, _, result) in zip(rows.iter_rows(named=True), outcomes):
+                    if status == WRITTEN:
+                        tar.write(_sample(row, result))
+            f.flush()
+            os.fsync(f.fileno())
+        digest, size = _sha256(tmp), tmp.stat().st_size
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return size, digest
+
+
+def _sample(row: dict, result: Fetched | None) -> dict:
+    key = check_safe_name(row["key"], "sample key")
+    sample = {"__key__": key}
+    captions = row["kept_captions"] or []
+    if result is None:  # text-only: KEY.txt alone
+        sample[TEXT_EXT] = captions[0].encode("utf-8")
+        return sample
+    sample[IMAGE_EXT] = result.jpg
+    if captions:
+        sample[TEXT_EXT] = captions[0].encode("utf-8")
+    sample[JSON_EXT] = json.dumps(_sample_json(row, result), ensure_ascii=False).encode("utf-8")
+    return sample
+
+
+def _sample_json(row: dict, result: Fetched) -> dict:
+    return {
+        "key": row["key"],
+        "source": row["source"],
+        "captions": row["kept_captions"] or [],
+        "caption_fields": row["kept_fields"] or [],
+        "url": row["image_url"],
+        "image_path": row["image_path"],
+        "crop_box": row["crop_box"],
+        "license": row["license"],
+        "original_width": result.original_width,
+        "original_height": result.original_height,
+        "width": result.width,
+        "height": result.height,
+        "meta": json.loads(row["meta"]) if row["meta"] else None,
+    }
+
+
+def _status_table(rows: pl.DataFrame, outcomes) -> pl.DataFrame:
+    def column(getter, dtype):
+        return pl.Series([getter(o) for o in outcomes], dtype=dtype)
+
+    return rows.drop("reason").with_columns(
+        status=column(lambda o: o[0], pl.Utf8),
+        reason=column(lambda o: o[1], pl.Utf8),
+        error=column(lambda o: o[2].error if o[2] else None, pl.Utf8),
+        width=column(lambda o: o[2].width if o[2] else None, pl.Int32),
+        height=column(lambda o: o[2].height if o[2] else None, pl.Int32),
+        original_width=column(lambda o: o[2].original_width if o[2] else None, pl.Int32),
+        original_height=column(lambda o: o[2].original_height if o[2] else None, pl.Int32),
+        image_bytes=column(lambda o: len(o[2].jpg) if o[2] and o[2].jpg else None, pl.Int64),
+    )
+
+
+def _write_parquet_atomic(table: pl.DataFrame, path: Path) -> None:
+    tmp = temp_path_for(path)
+    try:
+        table.write_parquet(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def shard_stats(paths: ShardPaths, table: pl.DataFrame, tar_bytes: int, tar_sha256: str) -> dict:
+    """Counts for `pmd stats` and the manifest; rows_in = samples_written + dropped + failed, always."""
+    written = table.filter(pl.col("status") == WRITTEN)
+    stats = {
+        "source": paths.source,
+        "shard": paths.name,
+        "rows_in": table.height,
+        "samples_written": written.height,
+        "pairs_written": int(written["kept_captions"].list.len().sum() or 0),
+        "caption_words": int(written["kept_captions"].list.eval(pl.element().str.count_matches(r"\S+")).list.sum().sum() or 0),
+        "rows_dropped": _count(table, DROPPED),
+        "rows_failed": _count(table, FAILED),
+        "captions_in": int(table["captions"].list.len().sum() or 0),
+        "captions_dropped": dict(Counter(r for rs in table["caption_reasons"].drop_nulls() for r in rs if r)),
+        "fetch_attempted": int(table.filter(pl.col("status") != DROPPED).height),
+        "image_bytes": int(written["image_bytes"].sum() or 0),
+        "tar_bytes": tar_bytes,
+        "tar_sha256": tar_sha256,
+    }
+    accounted = stats["samples_written"] + sum(stats["rows_dropped"].values()) + sum(stats["rows_failed"].values())
+    assert accounted == stats["rows_in"], f"shard {paths.tar}: {accounted} rows accounted of {stats['rows_in']}"
+    return stats
+
+
+def _count(table: pl.DataFrame, status: str) -> dict[str, int]:
+    counts = table.filter(pl.col("status") == status)["reason"].value_counts()
+    return {r: int(n) for r, n in counts.iter_rows()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
