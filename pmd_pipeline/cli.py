@@ -78,8 +78,10 @@ def _embedded_mirror(cfg: BuildConfig, embedded: bool):
 
 def _run_build(cfg: BuildConfig):
     from pmd_pipeline.build import build as run_build, validate
+    from pmd_pipeline.output import claim_output
 
     validate(cfg)
+    claim_output(cfg)  # before the progress bar, so a refusal is one clean line
     _start_ray(cfg)
     with Progress("[bold]shards", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("build", total=None)

@@ -19,6 +19,7 @@ def process_shard(cfg: BuildConfig, paths: ShardPaths) -> dict:
     if paths.is_done():
         return {"skipped": True, "source": paths.source, "shard": paths.name}
     started = time.time()
+    _remove_stale_temp_files(paths)
     rows = filter_rows(cfg, pl.read_parquet(paths.plan))
     fetched = fetch_images(cfg, rows, paths)
     stats = write_shard(paths, rows, fetched)
@@ -26,6 +27,12 @@ def process_shard(cfg: BuildConfig, paths: ShardPaths) -> dict:
     atomic_write_json(paths.stats, stats)  # last: the completion marker
     shutil.rmtree(paths.work, ignore_errors=True)
     return stats
+
+
+def _remove_stale_temp_files(paths: ShardPaths) -> None:
+    """Temporary files of an attempt that was killed; the shard is redone from its plan."""
+    for tmp in paths.folder.glob(f".{paths.name}*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def filter_rows(cfg: BuildConfig, plan: pl.DataFrame) -> pl.DataFrame:

@@ -83,7 +83,7 @@ def _sample_json(row: dict, result: Fetched) -> dict:
         "captions": row["kept_captions"] or [],
         "caption_fields": row["kept_fields"] or [],
         "url": row["image_url"],
-        "image_path": row["image_path"],
+        "image_path": _portable(row["image_path"]),
         "crop_box": row["crop_box"],
         "license": row["license"],
         "original_width": result.original_width,
@@ -92,6 +92,14 @@ def _sample_json(row: dict, result: Fetched) -> dict:
         "height": result.height,
         "meta": json.loads(row["meta"]) if row["meta"] else None,
     }
+
+
+def _portable(image_path: str | None) -> str | None:
+    """The archive's file name and the member: provenance that does not change with where files live."""
+    if image_path is None:
+        return None
+    archive, sep, member = image_path.partition("::")
+    return f"{Path(archive).name}{sep}{member}"
 
 
 def _status_table(rows: pl.DataFrame, outcomes) -> pl.DataFrame:

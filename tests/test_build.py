@@ -1,0 +1,110 @@
+"""The embedded build end to end: shards readable by webdataset, captions match the bundle, nothing unaccounted."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import polars as pl
+import webdataset as wds
+
+from pmd_pipeline.embedded import BUNDLE
+from tests.helpers import all_samples, build_embedded, jpeg_size, sample_captions
+from sources.conceptual_captions import url_key
+
+
+def bundled_cc3m_captions() -> dict[str, list[str]]:
+    """Captions per sample key straight from the bundled raw TSV, merged per URL like the pipeline must."""
+    expected: dict[str, list[str]] = {}
+    with open(BUNDLE / "conceptual_captions/Train_GCC-training.tsv", encoding="utf-8") as f:
+        for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            if len(row) == 2 and len(row[0].split()) > 2:
+                expected.setdefault(url_key("cc3m", row[1]), []).append(row[0])
+    return expected
+
+
+def bundled_coco_captions() -> dict[str, list[str]]:
+    doc = json.loads((BUNDLE / "coco/dataset_coco.json").read_text())
+    return {
+        f"coco_{img['cocoid']}": [s["raw"] for s in img["sentences"] if len(s["raw"].split()) > 2]
+        for img in doc["images"]
+        if img["split"] in ("train", "restval")
+    }
+
+
+def test_webdataset_reads_back_the_bundled_captions(embedded_build):
+    out, result = embedded_build
+    assert not result.shards_failed and result.shards_total == 6
+    expected = {**bundled_cc3m_captions(), **bundled_coco_captions()}
+    dataset = wds.WebDataset([str(p) for p in sorted(out.glob("*/0*.tar"))], shardshuffle=False)
+    seen = {}
+    for sample in dataset:
+        meta = json.loads(sample["json"])
+        assert sample["txt"].decode() == meta["captions"][0]
+        assert jpeg_size(sample["jpg"]) == (224, 224)
+        seen[sample["__key__"]] = meta["captions"]
+    assert len(seen) == 238
+    for key, captions in seen.items():
+        assert captions == expected[key], key
+    # every expected image is written unless its row failed with a recorded reason
+    failed = pl.read_parquet(list(out.glob("*/0*.parquet"))).filter(pl.col("status") == "failed")
+    assert set(expected) - set(seen) == set(failed["key"])
+
+
+def test_repeated_url_is_one_sample_with_both_captions(embedded_build):
+    out, _ = embedded_build
+    captions = sample_captions(out)[url_key("cc3m", "https://img1.cc3m-sample.invalid/photos/0010.jpg")]
+    assert len(captions) == 2
+
+
+def test_every_row_is_accounted_for_with_a_reason(embedded_build):
+    out, _ = embedded_build
+    table = pl.read_parquet(list(out.glob("*/0*.parquet")))
+    assert table.height == 271  # 201 unique CC3M images (1 malformed line aside) + 70 COCO images
+    assert table.filter(pl.col("status") != "written")["reason"].null_count() == 0
+    reasons = dict(table.filter(pl.col("status") != "written")["reason"].value_counts().iter_rows())
+    assert reasons == {
+        "http_404": 6,  # URLs the mirror does not have
+        "decode_error": 3,  # HTML served instead of an image
+        "url_scheme_not_allowed": 1,  # ftp://
+        "too_few_words": 8,  # CC3M captions of two words or fewer
+        "karpathy_split_excluded": 14,  # COCO val + test
+        "image_missing": 1,  # a Karpathy image absent from its zip
+    }
+    for stats_file in out.glob("*/*_stats.json"):
+        s = json.loads(stats_file.read_text())
+        assert s["rows_in"] == s["samples_written"] + sum(s["rows_dropped"].values()) + sum(s["rows_failed"].values())
+
+
+def test_malformed_raw_line_is_kept_aside_with_its_line_number(embedded_build):
+    out, _ = embedded_build
+    rejects = [json.loads(line) for line in (out / "conceptual_captions/_rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(91, "wrong_column_count")]
+    assert rejects[0]["raw"].startswith("a caption without its url column")
+
+
+def test_manifest_lists_every_shard_with_its_sha256(embedded_build):
+    import hashlib
+
+    out, _ = embedded_build
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["totals"]["samples_written"] == 238
+    assert manifest["versions"]["img2dataset"] == "1.47.0"
+    for source in manifest["sources"].values():
+        for shard in source["shard_files"]:
+            assert hashlib.sha256((out / shard["tar"]).read_bytes()).hexdigest() == shard["sha256"]
+
+
+def test_rerun_skips_finished_shards_and_changes_nothing(embedded_build):
+    out, _ = embedded_build
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/0*")}
+    result = build_embedded(out)
+    assert result.shards_skipped == 6 and result.shards_done == 0
+    assert before == {p: p.stat().st_mtime_ns for p in out.glob("*/0*")}
+
+
+def test_same_config_twice_gives_identical_shards(embedded_build, tmp_path):
+    out, _ = embedded_build
+    other = tmp_path / "again"
+    build_embedded(other)
+    assert all_samples(other) == all_samples(out)
