@@ -22,9 +22,9 @@ stats OUT="pmd_out" *ARGS:
 test *ARGS:
     python -m pytest -m "not slow" {{ARGS}}
 
-# Every test, the slow ones included (CI runs this)
-test-all *ARGS:
-    python -m pytest {{ARGS}}
+# Only the slow tests (kill-and-resume and the like); CI runs them after `just test`
+test-slow *ARGS:
+    python -m pytest -m slow {{ARGS}}
 
 # Measure the issues' figures and print them (see BENCHMARKS.md)
 bench *ARGS:

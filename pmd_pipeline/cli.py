@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from pmd_pipeline.config import BuildConfig, load_config
 from pmd_pipeline.errors import PmdError
@@ -119,11 +119,12 @@ def sources() -> None:
     """List every registered source: raw files, where images come from, rules, licence, the paper's counts."""
     from sources import REGISTRY
 
-    table = Table("source", "raw files", "images from", "rules", "licence", "paper pairs (M)", "avg words")
+    out = Console()
     for name, source in sorted(REGISTRY.items()):
         i = source.info
-        table.add_row(name, i.raw_files, i.images_from, i.rules, i.license, f"{i.paper_pairs:g}", f"{i.paper_avg_words:g}")
-    Console().print(table)
+        out.print(f"[bold]{name}[/]  {i.title}: {i.paper_pairs:g}M pairs, {i.paper_avg_words:g} words/caption in FLAVA's Table 2")
+        for label, value in (("raw files", i.raw_files), ("images", i.images_from), ("rules", i.rules), ("licence", i.license)):
+            out.print(f"  {label:10} {value}", highlight=False)
 
 
 @app.command()

@@ -1,0 +1,1 @@
+"""Benchmarks for the issues' figures; run them with `just bench` (see BENCHMARKS.md)."""
