@@ -18,7 +18,7 @@ FORMAT_VERSION = 1  # bump when the shard layout changes; part of the config has
 @dataclass
 class SourceConfig:
     name: str
-    metadata: list[str] = field(default_factory=list)  # raw metadata files, read in this order
+    metadata: list[str] = field(default_factory=list)  # raw metadata files or http(s) URLs, read in order
     images: dict[str, str] = field(default_factory=dict)  # local image archives by role (e.g. train2014)
     options: dict[str, Any] = field(default_factory=dict)  # source-specific rules (see `pmd sources`)
     enabled: bool = True
@@ -118,7 +118,8 @@ def _source_from(name: str, spec: dict, base_dir: Path) -> SourceConfig:
     if not isinstance(spec, dict):
         raise PmdError(f"config: [sources.{name}] must be a table")
     spec = dict(spec)
-    spec["metadata"] = [str(_resolve(p, base_dir)) for p in _as_list(spec.get("metadata", []))]
+    spec["metadata"] = [p if p.startswith(("http://", "https://")) else str(_resolve(p, base_dir))
+                        for p in _as_list(spec.get("metadata", []))]
     spec["images"] = {k: str(_resolve(v, base_dir)) for k, v in spec.get("images", {}).items()}
     return _build(SourceConfig, spec, f"[sources.{name}]", name=name)
 

@@ -16,6 +16,7 @@ from typing import Iterator
 import polars as pl
 
 from pmd_pipeline.config import BuildConfig, SourceConfig
+from pmd_pipeline.metadata import localize_metadata
 from shards.layout import ShardPaths, atomic_write_json, plan_folder
 from sources import get_source
 from sources.base import CANDIDATE_SCHEMA, RejectLog
@@ -33,6 +34,7 @@ def plan_source(cfg: BuildConfig, source_cfg: SourceConfig) -> dict:
     shutil.rmtree(folder, ignore_errors=True)  # a partial plan from a crashed run: plans are deterministic
     folder.mkdir(parents=True)
     source = get_source(source_cfg.name)
+    source_cfg = localize_metadata(cfg, source_cfg)
     rejects = RejectLog()
     batches = _limited(source.read(source_cfg, rejects), source_cfg.limit)
     if source.repeats_keys:

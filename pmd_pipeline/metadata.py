@@ -1,0 +1,40 @@
+"""Metadata given as http(s) URLs is downloaded once into OUT/_metadata/<source>/ and read from there."""
+
+from __future__ import annotations
+
+import shutil
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+from pmd_pipeline.config import BuildConfig, SourceConfig
+from pmd_pipeline.errors import PmdError
+from pmd_pipeline.mirror import rewrite_url
+from shards.layout import temp_path_for
+
+
+def is_url(path: str) -> bool:
+    return path.startswith(("http://", "https://"))
+
+
+def localize_metadata(cfg: BuildConfig, source_cfg: SourceConfig) -> SourceConfig:
+    """The same source config with every metadata URL replaced by its downloaded copy."""
+    folder = Path(cfg.out) / "_metadata" / source_cfg.name
+    local = [str(_download(url, folder, cfg.fetch)) if is_url(url) else url for url in source_cfg.metadata]
+    return replace(source_cfg, metadata=local)
+
+
+def _download(url: str, folder: Path, fetch) -> Path:
+    target = folder / (Path(url.split("?")[0]).name or "metadata")
+    if target.exists():
+        return target  # downloaded by an earlier run: metadata of a build never changes under it
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(target)
+    try:
+        with urllib.request.urlopen(rewrite_url(url, fetch.mirror), timeout=fetch.timeout_s * 6) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+        tmp.replace(target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise PmdError(f"could not download metadata {url}: {err}") from None
+    return target
