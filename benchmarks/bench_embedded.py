@@ -13,8 +13,9 @@ from pathlib import Path
 def run() -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench_embedded_")) / "pmd_out"
     started = time.time()
-    proc = subprocess.run([sys.executable, "-m", "pmd_pipeline.cli", "build", "--out", str(out)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pmd_pipeline.cli", "build", "--out", str(out)], capture_output=True, text=True
+    )
     elapsed = time.time() - started
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr)

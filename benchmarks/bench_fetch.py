@@ -24,7 +24,9 @@ def run() -> dict:
     server, base = serve(work / "web")
     try:
         tsv = work / "urls.tsv"
-        tsv.write_text("".join(f"a synthetic photo number {i} of the benchmark\t{base}/{n}\n" for i, n in enumerate(names)))
+        tsv.write_text(
+            "".join(f"a synthetic photo number {i} of the benchmark\t{base}/{n}\n" for i, n in enumerate(names))
+        )
         ray_start = _start_ray()
         times = {"img2dataset": [], "pmd": []}
         for round_ in range(ROUNDS):
@@ -35,8 +37,13 @@ def run() -> dict:
         shutil.rmtree(work, ignore_errors=True)
     best = {k: min(v) for k, v in times.items()}
     return {
-        "urls": N_URLS, "processes": PROCESSES, "threads": THREADS, "image_size": 224, "rounds": ROUNDS,
-        "seconds": times, "images_per_s": {k: round(N_URLS / v, 1) for k, v in best.items()},
+        "urls": N_URLS,
+        "processes": PROCESSES,
+        "threads": THREADS,
+        "image_size": 224,
+        "rounds": ROUNDS,
+        "seconds": times,
+        "images_per_s": {k: round(N_URLS / v, 1) for k, v in best.items()},
         "ratio_pmd_vs_img2dataset": round(best["img2dataset"] / best["pmd"], 3),
         "median_ratio": round(statistics.median(times["img2dataset"]) / statistics.median(times["pmd"]), 3),
         "ray_start_seconds": round(ray_start, 2),
@@ -60,10 +67,21 @@ def _time_img2dataset(tsv: Path, out: Path) -> float:
     with_header.write_text("caption\turl\n" + tsv.read_text())
     started = time.time()
     download(
-        url_list=str(with_header), input_format="tsv", url_col="url", caption_col="caption", output_folder=str(out),
-        output_format="webdataset", image_size=224, resize_mode="center_crop", processes_count=PROCESSES,
-        thread_count=THREADS, number_sample_per_shard=SHARD, extract_exif=False, compute_hash=None,
-        timeout=10, retries=0,
+        url_list=str(with_header),
+        input_format="tsv",
+        url_col="url",
+        caption_col="caption",
+        output_folder=str(out),
+        output_format="webdataset",
+        image_size=224,
+        resize_mode="center_crop",
+        processes_count=PROCESSES,
+        thread_count=THREADS,
+        number_sample_per_shard=SHARD,
+        extract_exif=False,
+        compute_hash=None,
+        timeout=10,
+        retries=0,
     )
     elapsed = time.time() - started
     assert sum(1 for _ in out.glob("*.tar")) == N_URLS // SHARD
@@ -74,7 +92,9 @@ def _time_pmd(tsv: Path, out: Path) -> float:
     from pmd_pipeline.build import build
     from pmd_pipeline.config import BuildConfig, SourceConfig
 
-    cfg = BuildConfig(out=str(out), shard_size=SHARD, sources=[SourceConfig("conceptual_captions", metadata=[str(tsv)])])
+    cfg = BuildConfig(
+        out=str(out), shard_size=SHARD, sources=[SourceConfig("conceptual_captions", metadata=[str(tsv)])]
+    )
     cfg.fetch.thread_count, cfg.fetch.retries = THREADS, 0
     started = time.time()
     result = build(cfg)

@@ -26,10 +26,10 @@ def serve(root: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # The same server the embedded default uses, in a process of its own.
     code = (
-        "import functools,http.server as h,sys;"
-        "H=functools.partial(type('Q',(h.SimpleHTTPRequestHandler,),{'log_message':lambda *a:None}),directory=sys.argv[1]);"
-        "s=h.ThreadingHTTPServer(('127.0.0.1',int(sys.argv[2])),H);s.daemon_threads=True;s.serve_forever()"
+        "import sys, time; from pmd_pipeline.mirror import StaticServer as S; "
+        "S(sys.argv[1], int(sys.argv[2])).__enter__(); time.sleep(1e9)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(root), str(port)])
     _wait_for_port(port)

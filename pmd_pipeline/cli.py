@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-from rich.table import Column, Table
+from rich.table import Table
 
 from pmd_pipeline.config import BuildConfig, load_config
 from pmd_pipeline.errors import PmdError
@@ -77,7 +77,8 @@ def _embedded_mirror(cfg: BuildConfig, embedded: bool):
 
 
 def _run_build(cfg: BuildConfig):
-    from pmd_pipeline.build import build as run_build, validate
+    from pmd_pipeline.build import build as run_build
+    from pmd_pipeline.build import validate
     from pmd_pipeline.output import claim_output
 
     validate(cfg)
@@ -122,8 +123,14 @@ def sources() -> None:
     out = Console()
     for name, source in sorted(REGISTRY.items()):
         i = source.info
-        out.print(f"[bold]{name}[/]  {i.title}: {i.paper_pairs:g}M pairs, {i.paper_avg_words:g} words/caption in FLAVA's Table 2")
-        for label, value in (("raw files", i.raw_files), ("images", i.images_from), ("rules", i.rules), ("licence", i.license)):
+        paper = f"{i.paper_pairs:g}M pairs, {i.paper_avg_words:g} words/caption in FLAVA's Table 2"
+        out.print(f"[bold]{name}[/]  {i.title}: {paper}")
+        for label, value in (
+            ("raw files", i.raw_files),
+            ("images", i.images_from),
+            ("rules", i.rules),
+            ("licence", i.license),
+        ):
             out.print(f"  {label:10} {value}", highlight=False)
 
 
@@ -145,15 +152,35 @@ def stats(
 
 
 def _stats_table(report: dict) -> Table:
-    table = Table("source", "shards", "rows in", "malformed", "samples", "pairs", "fetch ok", "words/pair",
-                  "top failures", "top drops", "MiB", title="PMD build statistics")
+    table = Table(
+        "source",
+        "shards",
+        "rows in",
+        "malformed",
+        "samples",
+        "pairs",
+        "fetch ok",
+        "words/pair",
+        "top failures",
+        "top drops",
+        "MiB",
+        title="PMD build statistics",
+    )
     rows = list(report["sources"].items()) + [("total", report["total"])]
     for name, s in rows:
         rate = f"{s['fetch_success_rate']:.1%}" if s["fetch_success_rate"] is not None else "-"
         table.add_row(
-            name, f"{s['shards']}/{s['shards_planned']}", str(s["rows_in"]), str(s["rejected_raw_records"]),
-            str(s["samples_written"]), str(s["pairs_written"]), rate, str(s["mean_caption_words"] or "-"),
-            _top(s["rows_failed"]), _top(s["rows_dropped"]), f"{s['tar_bytes'] / 2**20:.1f}",
+            name,
+            f"{s['shards']}/{s['shards_planned']}",
+            str(s["rows_in"]),
+            str(s["rejected_raw_records"]),
+            str(s["samples_written"]),
+            str(s["pairs_written"]),
+            rate,
+            str(s["mean_caption_words"] or "-"),
+            _top(s["rows_failed"]),
+            _top(s["rows_dropped"]),
+            f"{s['tar_bytes'] / 2**20:.1f}",
         )
     return table
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from pmd_pipeline.errors import PmdError
 
@@ -118,8 +119,10 @@ def _source_from(name: str, spec: dict, base_dir: Path) -> SourceConfig:
     if not isinstance(spec, dict):
         raise PmdError(f"config: [sources.{name}] must be a table")
     spec = dict(spec)
-    spec["metadata"] = [p if p.startswith(("http://", "https://")) else str(_resolve(p, base_dir))
-                        for p in _as_list(spec.get("metadata", []))]
+    spec["metadata"] = [
+        p if p.startswith(("http://", "https://")) else str(_resolve(p, base_dir))
+        for p in _as_list(spec.get("metadata", []))
+    ]
     spec["images"] = {k: str(_resolve(v, base_dir)) for k, v in spec.get("images", {}).items()}
     return _build(SourceConfig, spec, f"[sources.{name}]", name=name)
 

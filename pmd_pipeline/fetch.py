@@ -51,7 +51,9 @@ def make_resizer(image: ImageConfig) -> Resizer:
 def fetch_urls(rows: pl.DataFrame, cfg: BuildConfig, work_dir: Path) -> dict[str, Fetched]:
     """Download `rows` (columns key, image_url) with img2dataset; every key gets a Fetched."""
     results: dict[str, Fetched] = {}
-    allowed = rows.filter(pl.col("image_url").str.starts_with("http://") | pl.col("image_url").str.starts_with("https://"))
+    allowed = rows.filter(
+        pl.col("image_url").str.starts_with("http://") | pl.col("image_url").str.starts_with("https://")
+    )
     for key in rows.filter(~pl.col("key").is_in(allowed["key"].implode()))["key"]:
         results[key] = Fetched(reason="url_scheme_not_allowed", error="only http and https URLs are fetched")
     if allowed.height:
@@ -122,7 +124,9 @@ def read_local(rows: pl.DataFrame, cfg: BuildConfig) -> dict[str, Fetched]:
     resizer = make_resizer(cfg.image)
     reader = ArchiveReader()
     try:
-        return {r["key"]: _read_one(reader, resizer, r["image_path"], r["crop_box"]) for r in rows.iter_rows(named=True)}
+        return {
+            r["key"]: _read_one(reader, resizer, r["image_path"], r["crop_box"]) for r in rows.iter_rows(named=True)
+        }
     finally:
         reader.close()
 

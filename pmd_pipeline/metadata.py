@@ -31,7 +31,10 @@ def _download(url: str, folder: Path, fetch) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(target)
     try:
-        with urllib.request.urlopen(rewrite_url(url, fetch.mirror), timeout=fetch.timeout_s * 6) as r, open(tmp, "wb") as f:
+        with (
+            urllib.request.urlopen(rewrite_url(url, fetch.mirror), timeout=fetch.timeout_s * 6) as r,
+            open(tmp, "wb") as f,
+        ):
             shutil.copyfileobj(r, f)
         tmp.replace(target)
     except OSError as err:

@@ -14,7 +14,7 @@ def rewrite_url(url: str, mirror: str) -> str:
         return url
     for scheme in ("https://", "http://"):
         if url.startswith(scheme):
-            return f"{mirror.rstrip('/')}/{url[len(scheme):]}"
+            return f"{mirror.rstrip('/')}/{url[len(scheme) :]}"
     return url
 
 
@@ -37,7 +37,7 @@ class StaticServer:
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def __enter__(self) -> "StaticServer":
+    def __enter__(self) -> StaticServer:
         self.thread.start()
         return self
 

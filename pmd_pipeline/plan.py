@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import polars as pl
 
@@ -67,7 +67,10 @@ def _merged_by_key(batches: Iterator[pl.DataFrame], parts: Path) -> Iterator[pl.
     merged = (
         pl.scan_parquet(parts / "*.parquet")
         .group_by("key", maintain_order=True)
-        .agg(*firsts, *(pl.col(c).list.explode(keep_nulls=False, empty_as_null=False) for c in ("captions", "caption_fields")))
+        .agg(
+            *firsts,
+            *(pl.col(c).list.explode(keep_nulls=False, empty_as_null=False) for c in ("captions", "caption_fields")),
+        )
         .select(list(CANDIDATE_SCHEMA))
         .collect()
     )

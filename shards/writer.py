@@ -49,7 +49,7 @@ def _write_tar(path: Path, rows: pl.DataFrame, outcomes) -> tuple[int, str]:
     try:
         with open(tmp, "wb") as f:
             with wds.TarWriter(f, user="pmd", group="pmd", mode=0o444, mtime=0, encoder=False) as tar:
-                for row, (status, _, result) in zip(rows.iter_rows(named=True), outcomes):
+                for row, (status, _, result) in zip(rows.iter_rows(named=True), outcomes, strict=True):
                     if status == WRITTEN:
                         tar.write(_sample(row, result))
             f.flush()
@@ -137,7 +137,9 @@ def shard_stats(paths: ShardPaths, table: pl.DataFrame, tar_bytes: int, tar_sha2
         "rows_in": table.height,
         "samples_written": written.height,
         "pairs_written": int(written["kept_captions"].list.len().sum() or 0),
-        "caption_words": int(written["kept_captions"].list.eval(pl.element().str.count_matches(r"\S+")).list.sum().sum() or 0),
+        "caption_words": int(
+            written["kept_captions"].list.eval(pl.element().str.count_matches(r"\S+")).list.sum().sum() or 0
+        ),
         "rows_dropped": _count(table, DROPPED),
         "rows_failed": _count(table, FAILED),
         "captions_in": int(table["captions"].list.len().sum() or 0),

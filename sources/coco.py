@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import polars as pl
 
@@ -123,7 +123,7 @@ def _image_path(filename: str, filepath: str | None, cfg: SourceConfig) -> str:
     role = match.group(0) if match else filepath
     if role not in cfg.images:
         raise PmdError(
-            f"source coco: image {filename} needs the `{role}` archive; set [sources.coco.images] {role} = \"...zip\""
+            f'source coco: image {filename} needs the `{role}` archive; set [sources.coco.images] {role} = "...zip"'
         )
     return f"{cfg.images[role]}::{role}/{filename}"
 

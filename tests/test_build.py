@@ -9,8 +9,8 @@ import polars as pl
 import webdataset as wds
 
 from pmd_pipeline.embedded import BUNDLE
-from tests.helpers import all_samples, build_embedded, jpeg_size, sample_captions
 from sources.conceptual_captions import url_key
+from tests.helpers import all_samples, build_embedded, jpeg_size, sample_captions
 
 
 def bundled_cc3m_captions() -> dict[str, list[str]]:

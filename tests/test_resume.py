@@ -19,7 +19,9 @@ PMD = [sys.executable, "-m", "pmd_pipeline.cli"]
 def start_build(out: Path, ray_address: str) -> subprocess.Popen:
     return subprocess.Popen(
         [*PMD, "build", "--out", str(out), "--ray-address", ray_address],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
@@ -41,8 +43,9 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted(embedded_build, ray_sess
     proc.wait()
     finished = len(list(out.glob("*/*_stats.json")))
     assert finished < 6, "the build finished before it could be killed; the test proves nothing"
-    rerun = subprocess.run([*PMD, "build", "--out", str(out), "--ray-address", ray_session],
-                           capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        [*PMD, "build", "--out", str(out), "--ray-address", ray_session], capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"{finished} already finished" in rerun.stderr.replace("\n", " ")
     assert all_samples(out) == all_samples(reference)

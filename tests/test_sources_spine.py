@@ -33,9 +33,15 @@ def test_cc3m_raw_tsv_with_bad_lines(tmp_path):
         b"no final newline\thttps://a.example/4.jpg"
     )
     (tmp_path / "cc.tsv").write_bytes(raw)
-    rows, rejects = read_all("conceptual_captions", SourceConfig("conceptual_captions", metadata=[str(tmp_path / "cc.tsv")]))
+    rows, rejects = read_all(
+        "conceptual_captions", SourceConfig("conceptual_captions", metadata=[str(tmp_path / "cc.tsv")])
+    )
     assert rows["captions"].to_list() == [[" a caption with a leading space"], ["no final newline"]]  # unchanged
-    assert [(r.line, r.reason) for r in rejects.rejects] == [(2, "invalid_utf8"), (3, "wrong_column_count"), (4, "nul_byte")]
+    assert [(r.line, r.reason) for r in rejects.rejects] == [
+        (2, "invalid_utf8"),
+        (3, "wrong_column_count"),
+        (4, "nul_byte"),
+    ]
     assert rows["key"].n_unique() == 2 and all("." not in k for k in rows["key"])
 
 
@@ -52,12 +58,29 @@ def karpathy(images):
 
 def test_coco_karpathy_keeps_train_and_restval(tmp_path):
     def image(cocoid, split, folder="train2014"):
-        return {"filepath": folder, "filename": f"COCO_{folder}_{cocoid:012d}.jpg", "cocoid": cocoid, "split": split,
-                "sentences": [{"raw": f"sentence {i} of image {cocoid}"} for i in range(5)]}
+        return {
+            "filepath": folder,
+            "filename": f"COCO_{folder}_{cocoid:012d}.jpg",
+            "cocoid": cocoid,
+            "split": split,
+            "sentences": [{"raw": f"sentence {i} of image {cocoid}"} for i in range(5)],
+        }
 
-    doc = karpathy([image(1, "train"), image(2, "restval", "val2014"), image(3, "val", "val2014"), image(4, "test", "val2014"), {"cocoid": 5}])
+    doc = karpathy(
+        [
+            image(1, "train"),
+            image(2, "restval", "val2014"),
+            image(3, "val", "val2014"),
+            image(4, "test", "val2014"),
+            {"cocoid": 5},
+        ]
+    )
     (tmp_path / "k.json").write_text(json.dumps(doc))
-    cfg = SourceConfig("coco", metadata=[str(tmp_path / "k.json")], images={"train2014": "/z/train2014.zip", "val2014": "/z/val2014.zip"})
+    cfg = SourceConfig(
+        "coco",
+        metadata=[str(tmp_path / "k.json")],
+        images={"train2014": "/z/train2014.zip", "val2014": "/z/val2014.zip"},
+    )
     rows, rejects = read_all("coco", cfg)
     assert rows["key"].to_list() == ["coco_1", "coco_2", "coco_3", "coco_4"]
     assert rows["drop_reason"].to_list() == [None, None, "karpathy_split_excluded", "karpathy_split_excluded"]
@@ -87,6 +110,20 @@ def test_coco_unknown_layout_and_missing_archive(tmp_path):
     (tmp_path / "x.json").write_text('{"foo": 1}')
     with pytest.raises(PmdError, match="neither a Karpathy"):
         read_all("coco", SourceConfig("coco", metadata=[str(tmp_path / "x.json")]))
-    (tmp_path / "k.json").write_text(json.dumps(karpathy([{"filepath": "val2014", "filename": "COCO_val2014_1.jpg", "cocoid": 1, "split": "train", "sentences": []}])))
+    (tmp_path / "k.json").write_text(
+        json.dumps(
+            karpathy(
+                [
+                    {
+                        "filepath": "val2014",
+                        "filename": "COCO_val2014_1.jpg",
+                        "cocoid": 1,
+                        "split": "train",
+                        "sentences": [],
+                    }
+                ]
+            )
+        )
+    )
     with pytest.raises(PmdError, match="needs the `val2014` archive"):
         read_all("coco", SourceConfig("coco", metadata=[str(tmp_path / "k.json")]))

@@ -18,16 +18,25 @@ from pmd_pipeline.reasons import reason_code
 
 
 def test_mirror_rewrites_scheme_and_host_into_a_path():
-    assert rewrite_url("https://img.example.com/a/b.jpg?x=1", "http://127.0.0.1:9/") == "http://127.0.0.1:9/img.example.com/a/b.jpg?x=1"
+    assert (
+        rewrite_url("https://img.example.com/a/b.jpg?x=1", "http://127.0.0.1:9/")
+        == "http://127.0.0.1:9/img.example.com/a/b.jpg?x=1"
+    )
     assert rewrite_url("http://h/p.jpg", "") == "http://h/p.jpg"
 
 
-@pytest.mark.parametrize("error, code", [
-    ("HTTP Error 404: Not Found", "http_404"), ("HTTP Error 503: Service Unavailable", "http_503"),
-    ("<urlopen error timed out>", "timeout"), ("Image decoding error", "decode_error"),
-    ("<urlopen error [Errno 111] Connection refused>", "connection_refused"), (None, "unknown_error"),
-    ("something new", "download_error"),
-])
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        ("HTTP Error 404: Not Found", "http_404"),
+        ("HTTP Error 503: Service Unavailable", "http_503"),
+        ("<urlopen error timed out>", "timeout"),
+        ("Image decoding error", "decode_error"),
+        ("<urlopen error [Errno 111] Connection refused>", "connection_refused"),
+        (None, "unknown_error"),
+        ("something new", "download_error"),
+    ],
+)
 def test_reason_codes(error, code):
     assert reason_code(error) == code
 
@@ -66,7 +75,9 @@ def test_metadata_urls_are_downloaded_once_through_the_mirror(tmp_path):
 def test_a_failing_shard_is_retried_then_reported_and_the_rest_finish(ray_session, tmp_path):
     tsv = tmp_path / "cc.tsv"
     tsv.write_text("".join(f"caption number {i} here\tftp://x/{i}.jpg\n" for i in range(6)))
-    cfg = BuildConfig(out=str(tmp_path / "out"), shard_size=2, sources=[SourceConfig("conceptual_captions", metadata=[str(tsv)])])
+    cfg = BuildConfig(
+        out=str(tmp_path / "out"), shard_size=2, sources=[SourceConfig("conceptual_captions", metadata=[str(tsv)])]
+    )
     cfg.run.shard_retries = 1
     build(cfg)  # plans and builds 3 shards (every image fails: ftp is not fetched)
     broken = tmp_path / "out" / "conceptual_captions"

@@ -55,10 +55,17 @@ def make_coco(rng: random.Random, images: list[str]) -> str:
         if i % 7 == 0:
             texts[4] = "two words"
         sentences = [{"tokens": t.split(), "raw": t, "imgid": i, "sentid": i * 5 + j} for j, t in enumerate(texts)]
-        entries.append({
-            "filepath": folder, "sentids": [s["sentid"] for s in sentences], "filename": filename,
-            "imgid": i, "split": split, "sentences": sentences, "cocoid": cocoid,
-        })
+        entries.append(
+            {
+                "filepath": folder,
+                "sentids": [s["sentid"] for s in sentences],
+                "filename": filename,
+                "imgid": i,
+                "split": split,
+                "sentences": sentences,
+                "cocoid": cocoid,
+            }
+        )
         if i != 11:  # one image missing from its zip
             images.append(f"zip\t{folder}.zip\t{folder}/{filename}\tjpg")
     return json.dumps({"images": entries, "dataset": "coco"})
