@@ -29,6 +29,9 @@ def build(
     config: Path = typer.Option(None, "--config", "-c", help="TOML build config; none = the embedded default sample."),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (overrides the config's `out`)."),
     mirror: str = typer.Option(None, help="URL prefix replacing scheme+host of every image URL (a cache or mirror)."),
+    allow_host: list[str] = typer.Option(
+        None, help="A host that may resolve to a private/loopback address (your mirror or cache). Repeatable."
+    ),
     ray_address: str = typer.Option(None, help="Join this Ray cluster instead of starting a local one."),
     workers: int = typer.Option(None, help="CPUs of the local Ray instance (default: all cores)."),
 ) -> None:
@@ -37,6 +40,7 @@ def build(
         cfg = _build_config(config, out)
         if mirror is not None:
             cfg.fetch.mirror = mirror
+        cfg.fetch.allowed_private_hosts.extend(h.lower() for h in allow_host or [])
         if ray_address is not None:
             cfg.run.ray_address = ray_address
         if workers is not None:
@@ -66,13 +70,13 @@ def _embedded_mirror(cfg: BuildConfig, embedded: bool):
         yield
         return
     from pmd_pipeline.embedded import materialize
-    from pmd_pipeline.mirror import StaticServer
+    from pmd_pipeline.mirror import StaticServer, use_mirror
     from pmd_pipeline.output import claim_output
 
     claim_output(cfg)
     root = materialize(cfg.out)
     with StaticServer(root / "mirror") as server:
-        cfg.fetch.mirror = server.url
+        use_mirror(cfg.fetch, server.url)  # the one local host this build may fetch from
         yield
 
 

@@ -38,13 +38,22 @@ class ImageConfig:
     resize_mode: str = "center_crop"  # img2dataset resize modes: center_crop, keep_ratio, border, no
     encode_format: str = "jpg"
     encode_quality: int = 95
+    max_pixels: int = 50_000_000  # larger images are refused from their header, before decoding (bombs)
 
 
 @dataclass
 class FetchConfig:
     thread_count: int = 32  # download threads per shard task
-    timeout_s: float = 10.0
-    retries: int = 2
+    timeout_s: float = 10.0  # per socket operation
+    deadline_s: float = 60.0  # per request, body included: a server trickling bytes is cut off
+    max_response_bytes: int = 20_000_000
+    retries: int = 2  # of transient failures (timeouts, resets, 429, 5xx); never of 404 or a refusal
+    backoff_s: float = 1.0  # doubled per retry; 429/503 also honour Retry-After up to backoff_max_s
+    backoff_max_s: float = 30.0
+    max_per_host: int = 16  # requests in flight per host, per shard task
+    # Hosts that may resolve to loopback/private addresses: a mirror or cache you run on purpose.
+    # Everything else that resolves to such an address is refused (no requests into your network).
+    allowed_private_hosts: list[str] = field(default_factory=list)
     mirror: str = ""  # URL prefix replacing scheme+host: https://h/p -> {mirror}/h/p
     user_agent_token: str = "pmd-pipeline"
 

@@ -7,6 +7,7 @@ URL and local sources produce identical pixels for identical inputs.
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +17,13 @@ import polars as pl
 import pyarrow as pa
 from img2dataset.downloader import Downloader
 from img2dataset.resizer import Resizer
+from PIL import Image
 
 from pmd_pipeline.archives import ArchiveReader
 from pmd_pipeline.config import BuildConfig, ImageConfig
 from pmd_pipeline.mirror import rewrite_url
 from pmd_pipeline.reasons import reason_code
+from pmd_pipeline.web import WebPolicy, installed
 
 ALLOWED_SCHEMES = ("http://", "https://")
 
@@ -38,8 +41,46 @@ class Fetched:
     original_height: int | None = None
 
 
+class GuardedResizer(Resizer):
+    """img2dataset's Resizer, after a look at the image header: a decompression bomb is refused undecoded.
+
+    img2dataset checks the area only after cv2 has decoded the whole image (gigabytes for a crafted PNG).
+    Pillow reads the size from the header alone. An image Pillow cannot identify is refused too, so no
+    format reaches cv2's decoder unchecked. The Resizer always re-encodes: no web bytes reach a shard as is.
+    """
+
+    def __init__(self, max_pixels: int, **kwargs):
+        super().__init__(max_image_area=max_pixels, **kwargs)
+        self.max_pixels = max_pixels
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        refusal = header_refusal(img_stream, self.max_pixels)
+        if refusal:
+            return None, None, None, None, None, refusal
+        img_stream.seek(0)
+        return super().__call__(img_stream, blurring_bbox_list)
+
+
+def header_refusal(img_stream, max_pixels: int) -> str | None:
+    """An error message when the header says no, else None."""
+    img_stream.seek(0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(img_stream) as img:
+                width, height = img.size
+    except Image.DecompressionBombError as err:
+        return f"pmd:image_too_many_pixels: {err}"
+    except Exception as err:  # Pillow raises many types for non-images (HTML, truncated headers)
+        return f"Image decoding error: not an image Pillow can identify ({type(err).__name__})"
+    if width * height > max_pixels:
+        return f"pmd:image_too_many_pixels: {width}x{height} > {max_pixels} pixels"
+    return None
+
+
 def make_resizer(image: ImageConfig) -> Resizer:
-    return Resizer(
+    return GuardedResizer(
+        max_pixels=image.max_pixels,
         image_size=image.size,
         resize_mode=image.resize_mode,
         resize_only_if_bigger=False,
@@ -83,12 +124,13 @@ def _download(rows: pl.DataFrame, cfg: BuildConfig, work_dir: Path, results: dic
         compute_hash=None,
         verify_hash_type=None,
         encode_format=cfg.image.encode_format,
-        retries=cfg.fetch.retries,
+        retries=0,  # our opener retries transient failures with backoff; img2dataset would retry a 404 too
         user_agent_token=cfg.fetch.user_agent_token,
         disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"],
     )
     # download_shard, not __call__: __call__ swallows shard-level errors, and Ray must see them to retry.
-    downloader.download_shard((0, str(input_file)))
+    with installed(WebPolicy.from_config(cfg.fetch)):
+        downloader.download_shard((0, str(input_file)))
 
 
 def _collecting_writer(results: dict[str, Fetched]):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
 from pmd_pipeline.config import BuildConfig, SourceConfig
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.mirror import rewrite_url
+from pmd_pipeline.web import WebPolicy, stream_url
 from shards.layout import temp_path_for
 
 
@@ -32,7 +32,7 @@ def _download(url: str, folder: Path, fetch) -> Path:
     tmp = temp_path_for(target)
     try:
         with (
-            urllib.request.urlopen(rewrite_url(url, fetch.mirror), timeout=fetch.timeout_s * 6) as r,
+            stream_url(rewrite_url(url, fetch.mirror), WebPolicy.from_config(fetch)) as r,
             open(tmp, "wb") as f,
         ):
             shutil.copyfileobj(r, f)

@@ -6,6 +6,15 @@ import functools
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
+
+
+def use_mirror(fetch, mirror_url: str) -> None:
+    """Fetch through `mirror_url`, and allow its host explicitly even though it is a local address."""
+    fetch.mirror = mirror_url
+    host = (urlsplit(mirror_url).hostname or "").lower()
+    if host and host not in fetch.allowed_private_hosts:
+        fetch.allowed_private_hosts.append(host)
 
 
 def rewrite_url(url: str, mirror: str) -> str:

@@ -5,6 +5,13 @@ from __future__ import annotations
 import re
 
 _HTTP_STATUS = re.compile(r"HTTP Error (\d{3})")
+_OURS = re.compile(r"pmd:([a-z0-9_]+):")  # pmd_pipeline.web.WebError and the guarded resizer
+
+# urllib reports these as "HTTP Error 30x: ...": the redirect is the story, not its status code.
+_REDIRECT_PATTERNS = [
+    ("infinite loop", "redirect_loop"),  # also "more than max_redirections"
+    ("redirection to url", "redirect_scheme_not_allowed"),  # urllib refuses file:, data: ... targets itself
+]
 
 # (pattern in the lower-cased error text, code); first match wins.
 _PATTERNS = [
@@ -35,10 +42,16 @@ def reason_code(error: str | None) -> str:
     """Map an error message (img2dataset's, urllib's, ours) to a stable reason code."""
     if not error:
         return "unknown_error"
+    ours = _OURS.search(error)
+    if ours:
+        return ours.group(1)
+    lowered = error.lower()
+    for pattern, code in _REDIRECT_PATTERNS:
+        if pattern in lowered:
+            return code
     status = _HTTP_STATUS.search(error)
     if status:
         return f"http_{status.group(1)}"
-    lowered = error.lower()
     for pattern, code in _PATTERNS:
         if pattern in lowered:
             return code

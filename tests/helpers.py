@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pmd_pipeline.build import build
 from pmd_pipeline.embedded import default_config, materialize
-from pmd_pipeline.mirror import StaticServer
+from pmd_pipeline.mirror import StaticServer, use_mirror
 from pmd_pipeline.output import claim_output
 
 
@@ -20,7 +20,7 @@ def build_embedded(out: Path, **overrides):
     claim_output(cfg)
     root = materialize(cfg.out)
     with StaticServer(root / "mirror") as server:
-        cfg.fetch.mirror = server.url
+        use_mirror(cfg.fetch, server.url)
         return build(cfg)
 
 

@@ -13,7 +13,7 @@ from pmd_pipeline.build import build
 from pmd_pipeline.config import BuildConfig, SourceConfig
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.metadata import localize_metadata
-from pmd_pipeline.mirror import StaticServer, rewrite_url
+from pmd_pipeline.mirror import StaticServer, rewrite_url, use_mirror
 from pmd_pipeline.reasons import reason_code
 
 
@@ -64,7 +64,7 @@ def test_metadata_urls_are_downloaded_once_through_the_mirror(tmp_path):
     cfg = BuildConfig(out=str(tmp_path / "out"))
     source = SourceConfig("conceptual_captions", metadata=["https://data.example/cc.tsv"])
     with StaticServer(tmp_path / "web") as server:
-        cfg.fetch.mirror = server.url
+        use_mirror(cfg.fetch, server.url)
         local = localize_metadata(cfg, source)
     assert open(local.metadata[0]).read().startswith("a cat on a mat")
     assert localize_metadata(cfg, source).metadata == local.metadata  # server gone: the copy is reused

@@ -1,0 +1,198 @@
+"""A web server on 127.0.0.1 that misbehaves on purpose, one fault per path (see FAULTS)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from PIL import Image
+
+
+def jpeg(size=(64, 48), color=(200, 30, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, "JPEG")
+    return out.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (a decompression bomb's first bytes are all a reader needs)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+OK_JPEG = jpeg()
+GZIP_BOMB = gzip.compress(b"\x00" * 20_000_000, compresslevel=9)  # 20 MB of zeros in about 20 KB
+
+# path -> the reason code a fetch of it must end with (None: it must succeed)
+FAULTS = {
+    "/ok.jpg": None,
+    "/status/404": "http_404",
+    "/status/403": "http_403",
+    "/status/429": "http_429",
+    "/status/500": "http_500",
+    "/status/503": "http_503",
+    "/reset": "connection_reset",
+    "/hang": "timeout",
+    "/trickle": "deadline_exceeded",
+    "/truncated": "truncated_body",
+    "/html": "decode_error",
+    "/empty": "decode_error",
+    "/gzip-bomb": "content_encoding_refused",
+    "/pixel-bomb.png": "image_too_many_pixels",
+    "/corrupt.jpg": "decode_error",
+    "/redirect-loop": "redirect_loop",
+    "/redirect-metadata": "blocked_address",
+    "/redirect-other-local-host": "blocked_address",
+    "/redirect-file": "redirect_scheme_not_allowed",
+    "/huge-declared": "response_too_large",
+    "/huge-chunked": "response_too_large",
+}
+
+
+class HostileWeb:
+    """Context manager: `.url(path)`, `.hits` (requests per path), `.max_concurrent` (per path)."""
+
+    def __init__(self, hang_s: float = 3.0):
+        self.hits: Counter = Counter()
+        self.in_flight: Counter = Counter()
+        self.max_concurrent: Counter = Counter()
+        self.lock = threading.Lock()
+        self.hang_s = hang_s
+        self.flaky_left: Counter = Counter()  # /flaky/<code>/<n>: fail n times, then serve the image
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.httpd.daemon_threads = True
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def __enter__(self):
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _handler_class(self):
+        web = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                with web.lock:
+                    web.hits[self.path] += 1
+                    for name in (self.path, "*"):  # "*": all paths together
+                        web.in_flight[name] += 1
+                        web.max_concurrent[name] = max(web.max_concurrent[name], web.in_flight[name])
+                try:
+                    self._serve()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                finally:
+                    with web.lock:
+                        web.in_flight[self.path] -= 1
+                        web.in_flight["*"] -= 1
+
+            def _send(self, status: int, body: bytes, ctype="image/jpeg", headers=()):
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _serve(self):  # noqa: C901 - one branch per fault reads best as a flat table
+                path = self.path
+                port = web.httpd.server_address[1]
+                if path in ("/ok.jpg",) or path.startswith("/ok/"):
+                    return self._send(200, OK_JPEG)
+                if path.startswith("/slow/"):
+                    time.sleep(0.2)
+                    return self._send(200, OK_JPEG)
+                if path.startswith("/status/"):
+                    code = int(path.rsplit("/", 1)[1])
+                    return self._send(code, b"no", "text/plain", [("Retry-After", "0")])
+                if path.startswith("/flaky/"):
+                    _, _, code, times = path.split("/")
+                    with web.lock:
+                        failures = web.hits[path] <= int(times)
+                    if failures:
+                        return self._send(int(code), b"busy", "text/plain", [("Retry-After", "1")])
+                    return self._send(200, OK_JPEG)
+                if path == "/reset":
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    return None
+                if path == "/hang":
+                    time.sleep(web.hang_s)
+                    return self._send(200, OK_JPEG)
+                if path == "/trickle":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    for _ in range(int(web.hang_s * 20)):
+                        self.wfile.write(b"\xff")
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                    return None
+                if path == "/truncated":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(OK_JPEG)))
+                    self.end_headers()
+                    self.wfile.write(OK_JPEG[: len(OK_JPEG) // 3])
+                    self.close_connection = True
+                    return None
+                if path == "/html":
+                    return self._send(200, b"<html><body>Not an image</body></html>", "text/html")
+                if path == "/empty":
+                    return self._send(200, b"")
+                if path == "/gzip-bomb":
+                    return self._send(200, GZIP_BOMB, headers=[("Content-Encoding", "gzip")])
+                if path == "/pixel-bomb.png":
+                    return self._send(200, png_claiming(100_000, 100_000), "image/png")
+                if path == "/corrupt.jpg":
+                    return self._send(200, OK_JPEG[:20] + bytes(range(256)) * 8)
+                if path == "/redirect-loop":
+                    return self._send(302, b"", headers=[("Location", "/redirect-loop")])
+                if path == "/redirect-metadata":
+                    return self._send(302, b"", headers=[("Location", "http://169.254.169.254/latest/meta-data/")])
+                if path == "/redirect-other-local-host":
+                    return self._send(302, b"", headers=[("Location", f"http://localhost:{port}/ok.jpg")])
+                if path == "/redirect-file":
+                    return self._send(302, b"", headers=[("Location", "file:///etc/passwd")])
+                if path == "/huge-declared":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(10**10))
+                    self.end_headers()
+                    self.wfile.write(b"\xff" * 1000)
+                    return None
+                if path == "/huge-chunked":
+                    self.send_response(200)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    block = b"\xff" * 65536
+                    for _ in range(200):  # about 13 MB, over the tests' cap
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+                    self.wfile.write(b"0\r\n\r\n")
+                    return None
+                return self._send(404, b"unknown fault", "text/plain")
+
+        return Handler
