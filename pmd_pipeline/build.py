@@ -12,6 +12,7 @@ import ray
 
 from pmd_pipeline.config import BuildConfig
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.faults import crash_point
 from pmd_pipeline.manifest import write_manifest
 from pmd_pipeline.output import claim_output
 from pmd_pipeline.plan import plan_source
@@ -45,6 +46,7 @@ def build(cfg: BuildConfig, on_progress: Callable[[int, int], None] | None = Non
     _run_shards(cfg, todo, result, on_progress)
     if result.shards_failed:
         return result
+    crash_point("manifest", cfg.out)
     result.manifest = write_manifest(cfg)
     shutil.rmtree(Path(cfg.out) / "_work", ignore_errors=True)
     return result

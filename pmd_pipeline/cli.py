@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -98,10 +99,15 @@ def _start_ray(cfg: BuildConfig) -> None:
 
     if ray.is_initialized():
         return
+    # PMD_* variables (crash points, the real-data folder) reach the workers of a cluster we join too.
+    pmd_env = {k: v for k, v in os.environ.items() if k.startswith("PMD_")}
+    runtime_env = {"env_vars": pmd_env} if pmd_env else None
     if cfg.run.ray_address:
-        ray.init(address=cfg.run.ray_address, logging_level=logging.WARNING)
+        ray.init(address=cfg.run.ray_address, logging_level=logging.WARNING, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(
+            num_cpus=cfg.run.num_cpus, include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env
+        )
 
 
 def _report_build(cfg: BuildConfig, result) -> None:

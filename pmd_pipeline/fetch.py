@@ -21,6 +21,7 @@ from PIL import Image
 
 from pmd_pipeline.archives import ArchiveReader
 from pmd_pipeline.config import BuildConfig, ImageConfig
+from pmd_pipeline.faults import crash_point
 from pmd_pipeline.mirror import rewrite_url
 from pmd_pipeline.reasons import reason_code
 from pmd_pipeline.web import WebPolicy, installed
@@ -111,7 +112,7 @@ def _download(rows: pl.DataFrame, cfg: BuildConfig, work_dir: Path, results: dic
     with pa.OSFile(str(input_file), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     downloader = Downloader(
-        sample_writer_class=_collecting_writer(results),
+        sample_writer_class=_collecting_writer(results, cfg.out),
         resizer=make_resizer(cfg.image),
         thread_count=cfg.fetch.thread_count,
         save_caption=False,
@@ -133,7 +134,7 @@ def _download(rows: pl.DataFrame, cfg: BuildConfig, work_dir: Path, results: dic
         downloader.download_shard((0, str(input_file)))
 
 
-def _collecting_writer(results: dict[str, Fetched]):
+def _collecting_writer(results: dict[str, Fetched], out: str):
     """An img2dataset sample-writer class that hands each outcome to `results` instead of writing files.
 
     Our shard writer then writes the samples in plan order, so shards are reproducible byte for byte.
@@ -144,6 +145,7 @@ def _collecting_writer(results: dict[str, Fetched]):
             pass
 
         def write(self, img_str, key, caption, meta):
+            crash_point("fetch", out)
             error = meta.get("error_message")
             results[meta["pmd_key"]] = Fetched(
                 jpg=img_str,

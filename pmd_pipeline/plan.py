@@ -16,6 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from pmd_pipeline.config import BuildConfig, SourceConfig
+from pmd_pipeline.faults import crash_point
 from pmd_pipeline.metadata import localize_metadata
 from shards.layout import ShardPaths, atomic_write_json, plan_folder
 from sources import get_source
@@ -97,6 +98,7 @@ def _write_plan_shards(batches: Iterator[pl.DataFrame], out: Path, source: str, 
 
 def _write_plan_shard(paths: ShardPaths, rows: pl.DataFrame) -> None:
     rows.write_parquet(paths.plan)
+    crash_point("plan", paths.out)
 
 
 def _summary(source: str, shards: int, rows: int, rejects: RejectLog) -> dict:

@@ -9,6 +9,7 @@ import polars as pl
 
 from filters import apply_filters, build_filters
 from pmd_pipeline.config import BuildConfig
+from pmd_pipeline.faults import crash_point
 from pmd_pipeline.fetch import fetch_urls, read_local
 from shards.layout import ShardPaths, atomic_write_json
 from shards.writer import write_shard
@@ -23,6 +24,7 @@ def process_shard(cfg: BuildConfig, paths: ShardPaths) -> dict:
     rows = filter_rows(cfg, pl.read_parquet(paths.plan))
     fetched = fetch_images(cfg, rows, paths)
     stats = write_shard(paths, rows, fetched)
+    crash_point("before_stats", paths.out)
     stats["seconds"] = round(time.time() - started, 3)
     atomic_write_json(paths.stats, stats)  # last: the completion marker
     shutil.rmtree(paths.work, ignore_errors=True)

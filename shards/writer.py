@@ -11,6 +11,7 @@ from pathlib import Path
 import polars as pl
 import webdataset as wds
 
+from pmd_pipeline.faults import crash_point
 from pmd_pipeline.fetch import Fetched
 from shards.layout import IMAGE_EXT, JSON_EXT, TEXT_EXT, ShardPaths, check_safe_name, temp_path_for
 
@@ -55,6 +56,7 @@ def _write_tar(path: Path, rows: pl.DataFrame, outcomes) -> tuple[int, str]:
             f.flush()
             os.fsync(f.fileno())
         digest, size = _sha256(tmp), tmp.stat().st_size
+        crash_point("write_tar", path.parents[1])
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -1,0 +1,30 @@
+"""Crash points for the kill-and-resume tests: the build stops at a named point so a test can SIGKILL it there.
+
+With PMD_PAUSE_AT=<point> in the environment, the first process to reach that point creates
+OUT/_paused_at_<point> and sleeps; the test sees the file and kills the whole build. Without the
+variable (every real run) a crash point is a dictionary lookup and nothing else.
+
+Points: plan (a source's first plan part is written), fetch (a shard's first image arrived),
+write_tar (a tar is complete under its temporary name), before_stats (tar and parquet are in
+place, the completion marker is not), tokenize (a tokenized tar is complete under its temporary
+name), manifest (every shard is finished, the manifest is not written).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+PAUSE_ENV = "PMD_PAUSE_AT"
+
+
+def crash_point(name: str, out: str | Path) -> None:
+    if os.environ.get(PAUSE_ENV) != name:
+        return
+    marker = Path(out) / f"_paused_at_{name}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return  # another worker is already paused here; one kill point per run is enough
+    time.sleep(3600)
