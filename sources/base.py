@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -34,9 +35,18 @@ CANDIDATE_SCHEMA = {
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
 
+MAX_ID_CHARS = 120
+
+
 def make_key(source_prefix: str, original_id: str | int) -> str:
-    """A sample key from the source and its own id: stable across runs, no dots or path separators."""
-    return f"{source_prefix}_{_UNSAFE_KEY_CHARS.sub('-', str(original_id))}"
+    """A sample key from the source and its own id: stable across runs, no dots or path separators.
+
+    An id too long to be a file name (hostile or not) is replaced by its sha1, still stable and unique.
+    """
+    safe = _UNSAFE_KEY_CHARS.sub("-", str(original_id))
+    if len(safe) > MAX_ID_CHARS:
+        safe = "sha1-" + hashlib.sha1(str(original_id).encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{source_prefix}_{safe}"
 
 
 @dataclass(frozen=True)
