@@ -28,7 +28,12 @@ class BuildResult:
     shards_skipped: int = 0  # finished by an earlier run
     shards_done: int = 0
     shards_failed: list[str] = dataclasses.field(default_factory=list)
+    sources_failed: dict[str, str] = dataclasses.field(default_factory=dict)  # source -> why it could not be read
     manifest: dict | None = None
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.shards_failed or self.sources_failed)
 
 
 def build(cfg: BuildConfig, on_progress: Callable[[int, int], None] | None = None) -> BuildResult:
@@ -38,18 +43,33 @@ def build(cfg: BuildConfig, on_progress: Callable[[int, int], None] | None = Non
     if not cfg.enabled_sources():
         raise PmdError("the config enables no source; add a [sources.<name>] table (see `pmd sources`)")
     claim_output(cfg)
-    plans = ray.get([_plan_task.remote(cfg, s) for s in cfg.enabled_sources()])
+    result = BuildResult()
+    plans = _plan_sources(cfg, result)
     shards = [ShardPaths(Path(cfg.out), p["source"], i) for p in plans for i in range(p["shards"])]
-    result = BuildResult(shards_total=len(shards))
+    result.shards_total = len(shards)
     todo = [s for s in shards if not s.is_done()]
     result.shards_skipped = len(shards) - len(todo)
     _run_shards(cfg, todo, result, on_progress)
-    if result.shards_failed:
-        return result
+    if result.failed:
+        return result  # no manifest for an incomplete build; re-running finishes it
     crash_point("manifest", cfg.out)
     result.manifest = write_manifest(cfg)
     shutil.rmtree(Path(cfg.out) / "_work", ignore_errors=True)
     return result
+
+
+def _plan_sources(cfg: BuildConfig, result: BuildResult) -> list[dict]:
+    """Plan every source; one whose input cannot be read fails alone, with its message, and the rest go on."""
+    sources = cfg.enabled_sources()
+    refs = [_plan_task.remote(cfg, s) for s in sources]
+    plans = []
+    for source_cfg, ref in zip(sources, refs, strict=True):
+        try:
+            plans.append(ray.get(ref))
+        except PmdError as err:  # Ray re-raises the task's own exception type
+            message = str(err).strip().splitlines()[-1]
+            result.sources_failed[source_cfg.name] = message.removeprefix(f"{PmdError.__module__}.PmdError: ")
+    return plans
 
 
 @ray.remote(num_cpus=1)

@@ -49,7 +49,7 @@ def build(
         with _embedded_mirror(cfg, embedded=config is None):
             result = _run_build(cfg)
         _report_build(cfg, result)
-        if result.shards_failed:
+        if result.failed:
             raise typer.Exit(1)
 
 
@@ -115,6 +115,8 @@ def _report_build(cfg: BuildConfig, result) -> None:
         f"[bold]{cfg.out}[/]: {result.shards_total} shards, {result.shards_done} built now, "
         f"{result.shards_skipped} already finished, {len(result.shards_failed)} failed"
     )
+    for source, why in result.sources_failed.items():
+        console.print(f"[red]source {source} failed:[/] {why}")
     for shard in result.shards_failed:
         console.print(f"[red]failed:[/] {shard} (re-run the same command to retry it)")
     if result.manifest:
