@@ -6,11 +6,17 @@ import polars as pl
 
 from filters.base import CaptionFilter
 from filters.caption_length import CaptionLength
+from filters.english import English
+from filters.no_datetime_only import NoDateTimeOnly
+from filters.odd_characters import OddCharacters
 from pmd_pipeline.config import FilterConfig
 from pmd_pipeline.errors import PmdError
 
 REGISTRY: dict[str, type] = {
     "caption_length": CaptionLength,
+    "english": English,
+    "no_datetime_only": NoDateTimeOnly,
+    "odd_characters": OddCharacters,
 }
 
 UNUSED_ALTERNATIVE = "unused_alternative"  # a first_passing row's later fallbacks once one caption passed

@@ -112,12 +112,14 @@ def validate(cfg: BuildConfig) -> None:
     """Fail at once, before any work, on unknown names and missing inputs."""
     from filters import build_filters
     from pmd_pipeline.metadata import is_url
+    from pmd_pipeline.process import filter_chain
     from sources import get_source
     from sources.base import require_files
 
     build_filters(cfg.filters)
     for source_cfg in cfg.enabled_sources():
         get_source(source_cfg.name)
+        build_filters(filter_chain(cfg, source_cfg.name))
         local_files = [p for p in source_cfg.metadata if not is_url(p)]
         require_files(dataclasses.replace(source_cfg, metadata=local_files), minimum=0 if source_cfg.metadata else 1)
         for role, archive in source_cfg.images.items():

@@ -17,6 +17,12 @@ FORMAT_VERSION = 1  # bump when the shard layout changes; part of the config has
 
 
 @dataclass
+class FilterConfig:
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class SourceConfig:
     name: str
     metadata: list[str] = field(default_factory=list)  # raw metadata files or http(s) URLs, read in order
@@ -24,12 +30,7 @@ class SourceConfig:
     options: dict[str, Any] = field(default_factory=dict)  # source-specific rules (see `pmd sources`)
     enabled: bool = True
     limit: int | None = None  # stop after this many candidate rows (for samples and smoke runs)
-
-
-@dataclass
-class FilterConfig:
-    name: str
-    params: dict[str, Any] = field(default_factory=dict)
+    filters: list[FilterConfig] | None = None  # None: the source's own default chain, else the global one
 
 
 @dataclass
@@ -133,6 +134,12 @@ def _source_from(name: str, spec: dict, base_dir: Path) -> SourceConfig:
         for p in _as_list(spec.get("metadata", []))
     ]
     spec["images"] = {k: str(_resolve(v, base_dir)) for k, v in spec.get("images", {}).items()}
+    spec["options"] = {
+        k: str(_resolve(v, base_dir)) if k.endswith(("_file", "_dir")) and isinstance(v, str) else v
+        for k, v in spec.get("options", {}).items()
+    }  # options naming files (karpathy_split_file) are paths like the others
+    if "filters" in spec:
+        spec["filters"] = [_filter_from(f) for f in spec["filters"]]
     return _build(SourceConfig, spec, f"[sources.{name}]", name=name)
 
 

@@ -8,11 +8,12 @@ import time
 import polars as pl
 
 from filters import apply_filters, build_filters
-from pmd_pipeline.config import BuildConfig
+from pmd_pipeline.config import BuildConfig, FilterConfig
 from pmd_pipeline.faults import crash_point
 from pmd_pipeline.fetch import fetch_urls, read_local
 from shards.layout import ShardPaths, atomic_write_json
 from shards.writer import write_shard
+from sources import get_source
 
 
 def process_shard(cfg: BuildConfig, paths: ShardPaths) -> dict:
@@ -21,7 +22,7 @@ def process_shard(cfg: BuildConfig, paths: ShardPaths) -> dict:
         return {"skipped": True, "source": paths.source, "shard": paths.name}
     started = time.time()
     _remove_stale_temp_files(paths)
-    rows = filter_rows(cfg, pl.read_parquet(paths.plan))
+    rows = filter_rows(cfg, pl.read_parquet(paths.plan), paths.source)
     fetched = fetch_images(cfg, rows, paths)
     stats = write_shard(paths, rows, fetched)
     crash_point("before_stats", paths.out)
@@ -37,8 +38,17 @@ def _remove_stale_temp_files(paths: ShardPaths) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def filter_rows(cfg: BuildConfig, plan: pl.DataFrame) -> pl.DataFrame:
-    return apply_filters(plan, build_filters(cfg.filters))
+def filter_rows(cfg: BuildConfig, plan: pl.DataFrame, source: str) -> pl.DataFrame:
+    return apply_filters(plan, build_filters(filter_chain(cfg, source)))
+
+
+def filter_chain(cfg: BuildConfig, source: str) -> list[FilterConfig]:
+    """The source's `filters` from the config, else the source's own rule, else the build's global list."""
+    source_cfg = next(s for s in cfg.sources if s.name == source)
+    if source_cfg.filters is not None:
+        return source_cfg.filters
+    default = get_source(source).default_filters
+    return list(default) if default is not None else cfg.filters
 
 
 def fetch_images(cfg: BuildConfig, rows: pl.DataFrame, paths: ShardPaths) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pmd_pipeline.config import SourceConfig
+from pmd_pipeline.config import FilterConfig, SourceConfig
 from pmd_pipeline.errors import PmdError
 
 # One candidate row per unique image (after cropping). `captions[i]` came from `caption_fields[i]`.
@@ -98,6 +98,8 @@ class Source:
     info: SourceInfo
     read: Callable[[SourceConfig, RejectLog], Iterator[pl.DataFrame]]
     repeats_keys: bool = False  # True when one image can appear on several raw rows (merge their captions)
+    # The caption filters this source's rule names; None: the build's global `filters` list.
+    default_filters: tuple[FilterConfig, ...] | None = None
 
 
 def candidates_frame(rows: list[dict]) -> pl.DataFrame:

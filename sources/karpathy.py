@@ -1,0 +1,39 @@
+"""The Karpathy COCO split file, read for the contamination rule: COCO ids in `val` or `test`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pmd_pipeline.config import SourceConfig
+from pmd_pipeline.errors import PmdError
+from sources.rawio import load_json
+
+EVAL_SPLITS = ("val", "test")
+
+
+def contamination_ids(cfg: SourceConfig) -> frozenset[int]:
+    """COCO ids a source must drop, from options.karpathy_split_file; refuses to guess when it is missing.
+
+    options.contamination_check = false turns the rule off explicitly (the build's config says so).
+    """
+    if cfg.options.get("contamination_check", True) is False:
+        return frozenset()
+    path = cfg.options.get("karpathy_split_file")
+    if not path:
+        raise PmdError(
+            f"source {cfg.name}: set options.karpathy_split_file to dataset_coco.json (the contamination rule drops "
+            "images in Karpathy's val/test splits), or options.contamination_check = false to skip the rule"
+        )
+    return _eval_ids(str(Path(path).resolve()), cfg.name)
+
+
+@lru_cache(maxsize=4)
+def _eval_ids(path: str, source: str) -> frozenset[int]:
+    if not Path(path).is_file():
+        raise PmdError(f"source {source}: karpathy_split_file not found: {path}")
+    doc = load_json(Path(path), source)
+    try:
+        return frozenset(int(img["cocoid"]) for img in doc["images"] if img["split"] in EVAL_SPLITS)
+    except (KeyError, TypeError, ValueError):
+        raise PmdError(f"source {source}: {path} is not a Karpathy split file (images[].cocoid/split)") from None

@@ -1,0 +1,95 @@
+"""Readers shared by sources: streaming JSON arrays, gzip-aware opening, whole small JSON documents."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from pmd_pipeline.errors import PmdError
+from sources.base import RejectLog
+
+CHUNK_CHARS = 1 << 20
+
+
+def open_binary(path: Path) -> io.BufferedIOBase:
+    """The file's bytes, gunzipped when it is gzip (by its magic bytes, not its name: real dumps lie)."""
+    with open(path, "rb") as probe:
+        gzipped = probe.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+
+
+def load_json(path: Path, source: str):
+    """A whole JSON document (files that are small by design: image lists, split files)."""
+    try:
+        with open_binary(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, EOFError, OSError) as err:
+        raise PmdError(f"source {source}: {path} is not valid JSON ({err})") from None
+
+
+def iter_json_array(path: Path, source: str, rejects: RejectLog) -> Iterator[tuple[int, object]]:
+    """Yield (1-based index, element) of a top-level JSON array without loading the whole file.
+
+    Multi-GB arrays (Visual Genome's region_descriptions.json) are decoded one element at a time.
+    A truncated or corrupt tail is one reject (with the element's index) and the end of the file.
+    """
+    decoder = json.JSONDecoder()
+    with open_binary(path) as raw:
+        reader = _Buffered(io.TextIOWrapper(raw, encoding="utf-8", errors="strict"))
+        if reader.next_char() != "[":
+            raise PmdError(f"source {source}: {path} does not start with a JSON array")
+        reader.position += 1
+        index = 0
+        while True:
+            char = reader.next_char()
+            if char == "]":
+                return
+            if char == "," and index:
+                reader.position += 1
+                continue
+            if char == "":
+                rejects.add(path, index + 1, "truncated_json", reader.buffer[-200:])
+                return
+            element = reader.decode(decoder)
+            index += 1
+            if element is _TRUNCATED:
+                rejects.add(path, index, "truncated_json", reader.buffer[reader.position : reader.position + 200])
+                return
+            yield index, element
+
+
+class _Buffered:
+    """A text buffer over a stream; the consumed part is dropped only when more text is read."""
+
+    def __init__(self, text):
+        self.text, self.buffer, self.position = text, "", 0
+
+    def _more(self) -> bool:
+        more = self.text.read(CHUNK_CHARS)
+        self.buffer, self.position = self.buffer[self.position :] + more, 0
+        return bool(more)
+
+    def next_char(self) -> str:
+        """The next non-space character without consuming it ("" at the end)."""
+        while True:
+            while self.position < len(self.buffer) and self.buffer[self.position] in " \t\r\n":
+                self.position += 1
+            if self.position < len(self.buffer):
+                return self.buffer[self.position]
+            if not self._more():
+                return ""
+
+    def decode(self, decoder):
+        while True:
+            try:
+                element, self.position = decoder.raw_decode(self.buffer, self.position)
+                return element
+            except json.JSONDecodeError:
+                if not self._more():
+                    return _TRUNCATED
+
+
+_TRUNCATED = object()
