@@ -118,10 +118,15 @@ def validate(cfg: BuildConfig) -> None:
 
     build_filters(cfg.filters)
     for source_cfg in cfg.enabled_sources():
-        get_source(source_cfg.name)
+        source = get_source(source_cfg.name)
         build_filters(filter_chain(cfg, source_cfg.name))
         local_files = [p for p in source_cfg.metadata if not is_url(p)]
-        require_files(dataclasses.replace(source_cfg, metadata=local_files), minimum=0 if source_cfg.metadata else 1)
+        require_files(dataclasses.replace(source_cfg, metadata=local_files), minimum=_minimum_files(source_cfg, source))
         for role, archive in source_cfg.images.items():
             if not Path(archive).exists():
                 raise PmdError(f"source {source_cfg.name}: image archive `{role}` not found: {archive}")
+
+
+def _minimum_files(source_cfg, source) -> int:
+    """Metadata URLs are checked when downloaded; a source read from its images alone needs none."""
+    return 0 if source_cfg.metadata or not source.needs_metadata else 1

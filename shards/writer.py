@@ -68,8 +68,9 @@ def _sample(row: dict, result: Fetched | None) -> dict:
     key = check_safe_name(row["key"], "sample key")
     sample = {"__key__": key}
     captions = row["kept_captions"] or []
-    if result is None:  # text-only: KEY.txt alone
+    if result is None:  # text-only (a text corpus passage): KEY.txt and KEY.json, no image
         sample[TEXT_EXT] = captions[0].encode("utf-8")
+        sample[JSON_EXT] = json.dumps(_sample_json(row, Fetched()), ensure_ascii=False).encode("utf-8")
         return sample
     sample[IMAGE_EXT] = result.jpg
     if captions:

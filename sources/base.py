@@ -100,6 +100,7 @@ class Source:
     repeats_keys: bool = False  # True when one image can appear on several raw rows (merge their captions)
     # The caption filters this source's rule names; None: the build's global `filters` list.
     default_filters: tuple[FilterConfig, ...] | None = None
+    needs_metadata: bool = True  # False for sources read from their images alone (an image folder)
 
 
 def candidates_frame(rows: list[dict]) -> pl.DataFrame:

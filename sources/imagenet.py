@@ -77,4 +77,4 @@ def _row(relative: str, image_path: str) -> dict:
     }
 
 
-SOURCE = Source(info=INFO, read=read, default_filters=())
+SOURCE = Source(info=INFO, read=read, default_filters=(), needs_metadata=False)

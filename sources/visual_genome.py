@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pmd_pipeline.config import SourceConfig
+from pmd_pipeline.config import FilterConfig, SourceConfig
 from pmd_pipeline.errors import PmdError
 from sources.base import RejectLog, Source, SourceInfo, candidates_frame, make_key, meta_json, require_files
 from sources.karpathy import contamination_ids
@@ -132,4 +132,7 @@ def _image_path(image: dict, cfg: SourceConfig) -> str:
     return f"{cfg.images[folder]}::{folder}/{name}"
 
 
-SOURCE = Source(info=INFO, read=read, repeats_keys=True)
+# Region phrases are short by nature (5.1 words on average in the paper): only empty phrases are dropped.
+SOURCE = Source(
+    info=INFO, read=read, repeats_keys=True, default_filters=(FilterConfig("caption_length", {"min_words": 1}),)
+)

@@ -13,6 +13,14 @@ from sources.conceptual_captions import url_key
 from tests.helpers import all_samples, build_embedded, jpeg_size, sample_captions
 
 
+# The two sources of the spine's original bundle; their bytes never change when sources are added.
+SPINE_SOURCES = ("conceptual_captions", "coco")
+
+
+def spine_files(out, pattern: str) -> list[str]:
+    return [str(p) for source in SPINE_SOURCES for p in sorted((out / source).glob(pattern))]
+
+
 def bundled_cc3m_captions() -> dict[str, list[str]]:
     """Captions per sample key straight from the bundled raw TSV, merged per URL like the pipeline must."""
     expected: dict[str, list[str]] = {}
@@ -34,9 +42,9 @@ def bundled_coco_captions() -> dict[str, list[str]]:
 
 def test_webdataset_reads_back_the_bundled_captions(embedded_build):
     out, result = embedded_build
-    assert not result.shards_failed and result.shards_total == 6
+    assert not result.failed and result.shards_total == 17
     expected = {**bundled_cc3m_captions(), **bundled_coco_captions()}
-    dataset = wds.WebDataset([str(p) for p in sorted(out.glob("*/0*.tar"))], shardshuffle=False)
+    dataset = wds.WebDataset(spine_files(out, "0*.tar"), shardshuffle=False)
     seen = {}
     for sample in dataset:
         meta = json.loads(sample["json"])
@@ -47,7 +55,7 @@ def test_webdataset_reads_back_the_bundled_captions(embedded_build):
     for key, captions in seen.items():
         assert captions == expected[key], key
     # every expected image is written unless its row failed with a recorded reason
-    failed = pl.read_parquet(list(out.glob("*/0*.parquet"))).filter(pl.col("status") == "failed")
+    failed = pl.read_parquet(spine_files(out, "0*.parquet")).filter(pl.col("status") == "failed")
     assert set(expected) - set(seen) == set(failed["key"])
 
 
@@ -59,7 +67,7 @@ def test_repeated_url_is_one_sample_with_both_captions(embedded_build):
 
 def test_every_row_is_accounted_for_with_a_reason(embedded_build):
     out, _ = embedded_build
-    table = pl.read_parquet(list(out.glob("*/0*.parquet")))
+    table = pl.read_parquet(spine_files(out, "0*.parquet"))
     assert table.height == 271  # 201 unique CC3M images (1 malformed line aside) + 70 COCO images
     assert table.filter(pl.col("status") != "written")["reason"].null_count() == 0
     reasons = dict(table.filter(pl.col("status") != "written")["reason"].value_counts().iter_rows())
@@ -88,7 +96,11 @@ def test_manifest_lists_every_shard_with_its_sha256(embedded_build):
 
     out, _ = embedded_build
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["totals"]["samples_written"] == 238
+    assert (
+        manifest["sources"]["conceptual_captions"]["samples_written"] + manifest["sources"]["coco"]["samples_written"]
+        == 238
+    )
+    assert manifest["totals"]["samples_written"] == sum(s["samples_written"] for s in manifest["sources"].values())
     assert manifest["versions"]["img2dataset"] == "1.47.0"
     for source in manifest["sources"].values():
         for shard in source["shard_files"]:
@@ -99,7 +111,7 @@ def test_rerun_skips_finished_shards_and_changes_nothing(embedded_build):
     out, _ = embedded_build
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/0*")}
     result = build_embedded(out)
-    assert result.shards_skipped == 6 and result.shards_done == 0
+    assert result.shards_skipped == 17 and result.shards_done == 0
     assert before == {p: p.stat().st_mtime_ns for p in out.glob("*/0*")}
 
 

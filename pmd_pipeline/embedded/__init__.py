@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -24,13 +25,48 @@ MATERIALIZED_MARKER = ".materialized"
 def default_config(out: str) -> BuildConfig:
     """The build `just build-pmd` runs: every bundled source, small shards so several shards run at once."""
     root = Path(out).resolve() / "_embedded"
+    karpathy = {"karpathy_split_file": str(root / "coco/dataset_coco.json")}
+    ln = root / "localized_narratives"
+
+    def source(name: str, *metadata: str, images: dict | None = None, options: dict | None = None) -> SourceConfig:
+        return SourceConfig(
+            name,
+            metadata=[str(root / m) for m in metadata],
+            images={role: str(root / archive) for role, archive in (images or {}).items()},
+            options=options or {},
+        )
+
     sources = [
-        SourceConfig("conceptual_captions", metadata=[str(root / "conceptual_captions/Train_GCC-training.tsv")]),
-        SourceConfig(
-            "coco",
-            metadata=[str(root / "coco/dataset_coco.json")],
-            images={"train2014": str(root / "train2014.zip"), "val2014": str(root / "val2014.zip")},
+        source("coco", "coco/dataset_coco.json", images={"train2014": "train2014.zip", "val2014": "val2014.zip"}),
+        source("sbu_captions", "sbu_captions/sbu-captions-all.json"),
+        source(
+            "localized_narratives__openimages", f"{ln}/open_images_train_v6_localized_narratives-00000-of-00010.jsonl"
         ),
+        source(
+            "localized_narratives__coco",
+            f"{ln}/coco_train_localized_narratives.jsonl",
+            images={"train2017": "train2017.zip"},
+            options=karpathy,
+        ),
+        source(
+            "localized_narratives__ade20k",
+            f"{ln}/ade20k_train_localized_narratives.jsonl",
+            images={"ade20k": "ADEChallengeData2016.zip"},
+        ),
+        source("conceptual_captions", "conceptual_captions/Train_GCC-training.tsv"),
+        source(
+            "visual_genome",
+            "visual_genome/region_descriptions.json",
+            "visual_genome/image_data.json",
+            images={"VG_100K": "images.zip", "VG_100K_2": "images2.zip"},
+            options=karpathy,
+        ),
+        source("wit", "wit/wit_v1.train.all-00000-of-00010.tsv.gz"),
+        source("conceptual_12m", "conceptual_12m/cc12m.tsv"),
+        source("red_caps", "red_caps/annotations/abandoned_2017.json", "red_caps/annotations/itookapicture_2019.json"),
+        source("yfcc100m", "yfcc100m/yfcc100m_dataset"),
+        source("imagenet", images={"root": "imagenet_train.tar"}),
+        source("text_corpus", "text_corpus/books.txt", "text_corpus/news.jsonl", options={"max_words": 120}),
     ]
     return BuildConfig(out=str(Path(out).resolve()), shard_size=64, sources=sources)
 
@@ -42,22 +78,33 @@ def materialize(out: str) -> Path:
         return root
     shutil.rmtree(root, ignore_errors=True)
     shutil.copytree(BUNDLE, root, ignore=shutil.ignore_patterns("images.tsv"))
-    zips: dict[str, list[tuple[str, bytes]]] = {}
+    archives: dict[str, list[tuple[str, bytes]]] = {}
     for line in (BUNDLE / "images.tsv").read_text().splitlines():
         place, *where, kind = line.split("\t")
         body = synth_body(kind, "/".join(where))
         if place == "mirror":
-            target = root / "mirror" / where[0]
+            target = root / "mirror" / where[0].split("?")[0]  # a static server ignores the query string
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(body)
         else:
-            zips.setdefault(where[0], []).append((where[1], body))
-    for name, members in zips.items():
-        with zipfile.ZipFile(root / name, "w", zipfile.ZIP_STORED) as z:
-            for member, body in members:
-                z.writestr(member, body)
+            archives.setdefault(where[0], []).append((where[1], body))
+    for name, members in archives.items():
+        _write_archive(root / name, members)
     (root / MATERIALIZED_MARKER).write_text("ok\n")
     return root
+
+
+def _write_archive(path: Path, members: list[tuple[str, bytes]]) -> None:
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+            for member, body in members:
+                z.writestr(member, body)
+        return
+    with tarfile.open(path, "w") as tar:
+        for member, body in members:
+            info = tarfile.TarInfo(member)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
 
 
 def synth_body(kind: str, name: str) -> bytes:
