@@ -12,7 +12,6 @@ from pmd_pipeline.embedded import BUNDLE
 from sources.conceptual_captions import url_key
 from tests.helpers import all_samples, build_embedded, jpeg_size, sample_captions
 
-
 # The two sources of the spine's original bundle; their bytes never change when sources are added.
 SPINE_SOURCES = ("conceptual_captions", "coco")
 
@@ -120,3 +119,36 @@ def test_same_config_twice_gives_identical_shards(embedded_build, tmp_path):
     other = tmp_path / "again"
     build_embedded(other)
     assert all_samples(other) == all_samples(out)
+
+
+def test_every_bundled_source_is_built(embedded_build):
+    from sources import REGISTRY
+
+    out, result = embedded_build
+    built = {name for name, s in result.manifest["sources"].items() if s["samples_written"] > 0}
+    assert built == set(REGISTRY) - {"localized_narratives__flickr30k"}  # Flickr30k needs a manual download
+
+
+def test_unimodal_and_cropped_samples_have_their_own_formats(embedded_build):
+    out, _ = embedded_build
+    text = [s for s in wds.WebDataset(spine_like(out, "text_corpus"), shardshuffle=False)]
+    assert text and all(set(s) >= {"txt", "json"} and "jpg" not in s for s in text)
+    assert all(len(s["txt"].decode().split()) <= 120 for s in text)
+    images = [s for s in wds.WebDataset(spine_like(out, "imagenet"), shardshuffle=False)]
+    assert len(images) == 18 and all("txt" not in s and jpeg_size(s["jpg"]) == (224, 224) for s in images)
+    assert {json.loads(s["json"])["meta"]["label"] for s in images} == {"n01440764", "n02102040", "n03888257"}
+    regions = [json.loads(s["json"]) for s in wds.WebDataset(spine_like(out, "visual_genome"), shardshuffle=False)]
+    assert regions and all(
+        r["crop_box"] and r["original_width"] == r["crop_box"][2] - r["crop_box"][0] for r in regions
+    )
+
+
+def test_contamination_rule_drops_karpathy_eval_images_in_vg_and_ln_coco(embedded_build):
+    out, _ = embedded_build
+    for source in ("visual_genome", "localized_narratives__coco"):
+        table = pl.read_parquet(out / source / "*.parquet")
+        assert table.filter(pl.col("reason") == "karpathy_contamination").height > 0, source
+
+
+def spine_like(out, source: str) -> list[str]:
+    return [str(p) for p in sorted((out / source).glob("0*.tar"))]
