@@ -9,7 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = {"fetch": "benchmarks.bench_fetch", "embedded": "benchmarks.bench_embedded"}
+BENCHES = {
+    "fetch": "benchmarks.bench_fetch",
+    "embedded": "benchmarks.bench_embedded",
+    "yfcc": "benchmarks.bench_yfcc",
+}
 RESULTS = Path(__file__).parent / "results"
 
 

@@ -67,14 +67,16 @@ def _archive(cfg: SourceConfig, role: str) -> str:
     return cfg.images[role]
 
 
-def make_reader(subset: str, image_of: Callable, contamination: bool):
+def make_reader(subset: str, image_of: Callable, contamination: bool, batch_rows: int = 20_000):
     def read(cfg: SourceConfig, rejects: RejectLog) -> Iterator[pl.DataFrame]:
         excluded = contamination_ids(cfg) if contamination else frozenset()
-        for path in require_files(cfg):
-            rows = [
-                _row(subset, cfg, path, line_no, record, image_of, excluded)
-                for line_no, record in _narratives(path, rejects)
-            ]
+        for path in require_files(cfg):  # GBs of jsonl with traces: streamed in batches
+            rows = []
+            for line_no, record in _narratives(path, rejects):
+                rows.append(_row(subset, cfg, path, line_no, record, image_of, excluded))
+                if len(rows) >= batch_rows:
+                    yield candidates_frame(rows)
+                    rows = []
             if rows:
                 yield candidates_frame(rows)
 
