@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import polars as pl
 
 from pmd_pipeline.config import SourceConfig
-from sources.base import RejectLog, Source, SourceInfo, candidates_frame, meta_json, require_files
-from sources.conceptual_captions import url_key
-from sources.tsv import read_tsv_lines
+from sources.base import RejectLog, Source, SourceInfo, require_files
+from sources.conceptual_captions import url_caption_row
+from sources.tsv import read_tsv_batches
 
 INFO = SourceInfo(
     name="conceptual_12m",
@@ -23,27 +24,13 @@ INFO = SourceInfo(
 )
 
 
-def read(cfg: SourceConfig, rejects: RejectLog, batch_rows: int = 50_000) -> Iterator[pl.DataFrame]:
-    for path in require_files(cfg):
-        batch = []
-        for line_no, (url, caption) in read_tsv_lines(path, expected_fields=2, rejects=rejects):
-            batch.append(
-                {
-                    "key": url_key("cc12m", url),
-                    "source": INFO.name,
-                    "image_url": url,
-                    "captions": [caption],
-                    "caption_fields": ["caption"],
-                    "caption_mode": "all",
-                    "license": INFO.license,
-                    "meta": meta_json({"file": path.name, "line": line_no, "url": url, "caption": caption}),
-                }
-            )
-            if len(batch) >= batch_rows:
-                yield candidates_frame(batch)
-                batch = []
-        if batch:
-            yield candidates_frame(batch)
+def read(cfg: SourceConfig, rejects: RejectLog) -> Iterator[pl.DataFrame]:
+    return read_tsv_batches(require_files(cfg), 2, rejects, _candidate)
+
+
+def _candidate(fields: list[str], path: Path, line_no: int) -> dict:
+    url, caption = fields
+    return url_caption_row("cc12m", INFO, url, caption, path, line_no)
 
 
 SOURCE = Source(info=INFO, read=read, repeats_keys=True)

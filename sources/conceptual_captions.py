@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import polars as pl
 
 from pmd_pipeline.config import SourceConfig
-from sources.base import RejectLog, Source, SourceInfo, candidates_frame, make_key, meta_json, require_files
-from sources.tsv import read_tsv_lines
+from sources.base import RejectLog, Source, SourceInfo, make_key, meta_json, require_files
+from sources.tsv import read_tsv_batches
 
 INFO = SourceInfo(
     name="conceptual_captions",
@@ -28,29 +29,26 @@ def url_key(prefix: str, url: str) -> str:
     return make_key(prefix, hashlib.sha1(url.encode("utf-8")).hexdigest()[:20])
 
 
-def read(cfg: SourceConfig, rejects: RejectLog, batch_rows: int = 50_000) -> Iterator[pl.DataFrame]:
-    for path in require_files(cfg):
-        batch = []
-        for line_no, fields in read_tsv_lines(path, expected_fields=2, rejects=rejects):
-            caption, url = fields
-            batch.append(_candidate(caption, url, path.name, line_no))
-            if len(batch) >= batch_rows:
-                yield candidates_frame(batch)
-                batch = []
-        if batch:
-            yield candidates_frame(batch)
+def read(cfg: SourceConfig, rejects: RejectLog) -> Iterator[pl.DataFrame]:
+    return read_tsv_batches(require_files(cfg), 2, rejects, _candidate)
 
 
-def _candidate(caption: str, url: str, file_name: str, line_no: int) -> dict:
+def _candidate(fields: list[str], path: Path, line_no: int) -> dict:
+    caption, url = fields
+    return url_caption_row("cc3m", INFO, url, caption, path, line_no)
+
+
+def url_caption_row(prefix: str, info: SourceInfo, url: str, caption: str, path: Path, line_no: int) -> dict:
+    """The candidate of one `url, caption` record (Conceptual Captions 3M and 12M differ only in column order)."""
     return {
-        "key": url_key("cc3m", url),
-        "source": INFO.name,
+        "key": url_key(prefix, url),
+        "source": info.name,
         "image_url": url,
         "captions": [caption],
         "caption_fields": ["caption"],
         "caption_mode": "all",
-        "license": INFO.license,
-        "meta": meta_json({"file": file_name, "line": line_no, "caption": caption, "url": url}),
+        "license": info.license,
+        "meta": meta_json({"file": path.name, "line": line_no, "caption": caption, "url": url}),
     }
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from sources.base import RejectLog
+import polars as pl
+
+from sources.base import RejectLog, candidates_frame
 
 MAX_LINE_BYTES = 1 << 20  # a metadata line longer than 1 MiB is corrupt, not a caption
 
@@ -38,3 +40,22 @@ def _parse_line(raw: bytes, expected_fields: int) -> list[str] | str | None:
     if len(fields) != expected_fields:
         return "wrong_column_count"
     return fields
+
+
+def read_tsv_batches(
+    paths: list[Path],
+    expected_fields: int,
+    rejects: RejectLog,
+    make_row: Callable[[list[str], Path, int], dict],
+    batch_rows: int = 50_000,
+) -> Iterator[pl.DataFrame]:
+    """Candidate batches from headerless TSV files: `make_row(fields, path, line_no)` per good line."""
+    for path in paths:
+        batch = []
+        for line_no, fields in read_tsv_lines(path, expected_fields, rejects):
+            batch.append(make_row(fields, path, line_no))
+            if len(batch) >= batch_rows:
+                yield candidates_frame(batch)
+                batch = []
+        if batch:
+            yield candidates_frame(batch)

@@ -11,6 +11,8 @@ import json
 import random
 from pathlib import Path
 
+from sources.wit import COLUMNS as WIT_COLUMNS  # the real header, not a copy
+
 BUNDLE = Path(__file__).parent / "bundle"
 SEED = 20221
 
@@ -180,14 +182,6 @@ def make_yfcc(rng: random.Random, images: list[str]) -> str:
         mirror(images, url)
     rows.insert(20, "\t".join(["broken"] * 12))  # wrong column count
     return "\n".join(rows) + "\n"
-
-
-WIT_COLUMNS = [
-    "language", "page_url", "image_url", "page_title", "section_title", "hierarchical_section_title",
-    "caption_reference_description", "caption_attribution_description", "caption_alt_text_description",
-    "mime_type", "original_height", "original_width", "is_main_image", "attribution_passes_lang_id",
-    "page_changed_recently", "context_page_description", "context_section_description",
-]  # fmt: skip
 
 
 def make_wit(rng: random.Random, images: list[str]) -> bytes:
