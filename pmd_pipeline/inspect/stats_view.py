@@ -8,11 +8,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from pmd_pipeline.errors import PmdError
 from shards.stats import DEFAULT_SAMPLE_SHARDS, collect_stats
 
 
-def run_stats(out: Path, source: str | None, as_json: bool, plots: Path | None, sample_shards: int) -> dict:
-    report = collect_stats(out, source, sample_shards=sample_shards or DEFAULT_SAMPLE_SHARDS)
+def run_stats(
+    out: Path, source: str | None, as_json: bool, plots: Path | None, sample_shards: int = DEFAULT_SAMPLE_SHARDS
+) -> dict:
+    if sample_shards < 0:
+        raise PmdError("--sample-shards must be 0 (read every shard) or a positive number")
+    report = collect_stats(out, source, sample_shards=sample_shards)
     if as_json:
         print(json.dumps(public_report(report), indent=1))
     else:
