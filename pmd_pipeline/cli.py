@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -12,7 +11,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-from rich.table import Table
 
 from pmd_pipeline.config import BuildConfig, load_config
 from pmd_pipeline.errors import PmdError
@@ -149,56 +147,44 @@ def sources() -> None:
 @app.command()
 def stats(
     out: Path = typer.Argument(..., help="A build output folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
     source: str = typer.Option(None, help="Only this source."),
+    plots: Path = typer.Option(None, "--plots", help="Also write PNG charts into this folder."),
+    sample_shards: int = typer.Option(64, help="Shards per source whose parquet feeds medians/percentiles (0 = all)."),
 ) -> None:
-    """Per-source and total statistics of a build, read from the shard stats files (never the tars)."""
-    from shards.stats import collect_stats
+    """Per-source and total statistics of a build, read from the shard stats/parquet files (never the tars)."""
+    from pmd_pipeline.inspect.stats_view import run_stats
 
     with _errors_as_messages():
-        report = collect_stats(out, source)
-    if as_json:
-        print(json.dumps(report, indent=1))
-        return
-    Console().print(_stats_table(report))
+        run_stats(out, source, as_json, plots, sample_shards)
 
 
-def _stats_table(report: dict) -> Table:
-    table = Table(
-        "source",
-        "shards",
-        "rows in",
-        "malformed",
-        "samples",
-        "pairs",
-        "fetch ok",
-        "words/pair",
-        "top failures",
-        "top drops",
-        "MiB",
-        title="PMD build statistics",
-    )
-    rows = list(report["sources"].items()) + [("total", report["total"])]
-    for name, s in rows:
-        rate = f"{s['fetch_success_rate']:.1%}" if s["fetch_success_rate"] is not None else "-"
-        table.add_row(
-            name,
-            f"{s['shards']}/{s['shards_planned']}",
-            str(s["rows_in"]),
-            str(s["rejected_raw_records"]),
-            str(s["samples_written"]),
-            str(s["pairs_written"]),
-            rate,
-            str(s["mean_caption_words"] or "-"),
-            _top(s["rows_failed"]),
-            _top(s["rows_dropped"]),
-            f"{s['tar_bytes'] / 2**20:.1f}",
-        )
-    return table
+@app.command()
+def show(
+    out: Path = typer.Argument(..., help="A build output folder."),
+    key: str = typer.Argument(None, help="A sample key; omit it to show the first --n samples of --source."),
+    source: str = typer.Option(None, help="Show samples of this source (default: the first source)."),
+    n: int = typer.Option(5, "--n", help="How many samples to show."),
+    to: Path = typer.Option(Path("pmd_show"), "--to", help="Folder for the images and token grids."),
+) -> None:
+    """Print samples (key, captions, source, url, licence, size); write their images and 14x14 token grids."""
+    from pmd_pipeline.inspect.show import run_show
+
+    with _errors_as_messages():
+        run_show(out, key, source, n, to)
 
 
-def _top(counts: dict, n: int = 3) -> str:
-    return ", ".join(f"{k} {v}" for k, v in list(counts.items())[:n]) or "-"
+@app.command()
+def verify(
+    out: Path = typer.Argument(..., help="A build output folder."),
+    source: str = typer.Option(None, help="Only this source."),
+) -> None:
+    """Re-read every tar: complete samples, counts and sha256 vs the manifest; write sizes.json and wids indexes."""
+    from pmd_pipeline.inspect.verify import run_verify
+
+    with _errors_as_messages():
+        if not run_verify(out, source):
+            raise typer.Exit(1)
 
 
 @app.command()

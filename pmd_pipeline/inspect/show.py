@@ -1,0 +1,134 @@
+"""`pmd show`: print samples of a build and write their images and 14x14 token grids to a folder."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from PIL import Image
+from rich.console import Console
+from rich.panel import Panel
+
+from pmd_pipeline.errors import PmdError
+from shards.layout import IMAGE_EXT, JSON_EXT, SAFE_NAME, TEXT_EXT, TOKENS_EXT
+from shards.stats import CODEBOOK_SIZE, source_names
+
+GRID_CELL = 16  # px per token: a 14x14 grid becomes 224x224, the size of the stored image
+# One fixed colour per code, so the same code looks the same in every grid.
+PALETTE = np.random.default_rng(0).integers(0, 256, size=(CODEBOOK_SIZE, 3), dtype=np.uint8)
+
+
+def run_show(out: Path, key: str | None, source: str | None, n: int, to: Path) -> list[dict]:
+    if key is not None:
+        if not SAFE_NAME.match(key):
+            raise PmdError(f"{key!r} is not a sample key (keys are letters, digits, '_' and '-')")
+        samples = [find_sample(out, key)]
+    else:
+        if n < 1:
+            raise PmdError("--n must be at least 1")
+        samples = list(first_samples(out, source or source_names(out)[0], n))
+    to.mkdir(parents=True, exist_ok=True)
+    console = Console()
+    for sample in samples:
+        files = write_sample_files(sample, to)
+        console.print(Panel(describe(sample, files), title=sample["__key__"], title_align="left"))
+    return samples
+
+
+def find_sample(out: Path, key: str) -> dict:
+    """The sample with this key: the shard parquets say which tar holds it, then only that tar is read."""
+    names = source_names(out)
+    parquets = [p for name in names for p in sorted((out / name).glob("[0-9]*.parquet"))]
+    if not parquets:
+        raise PmdError(f"{out} has no finished shards")
+    hits = (
+        pl.scan_parquet(parquets, include_file_paths="parquet", missing_columns="insert", extra_columns="ignore")
+        .filter(pl.col("key") == key)
+        .select("status", "reason", "parquet")
+        .collect()
+    )
+    if hits.is_empty():
+        raise PmdError(f"no sample {key!r} in {out}")
+    status, reason, parquet = hits.row(0)
+    if status != "written":
+        raise PmdError(f"{key!r} was not written: {status} ({reason})")
+    tar = Path(parquet).with_suffix(".tar")
+    for sample in read_tar_samples(tar):
+        if sample["__key__"] == key:
+            return sample
+    raise PmdError(f"{key!r} is missing from {tar} although its parquet says written; run `pmd verify {out}`")
+
+
+def first_samples(out: Path, source: str, n: int) -> Iterator[dict]:
+    source_names(out, source)  # a clear error for an unknown source
+    tars = sorted((out / source).glob("[0-9]*.tar"))
+    if not tars:
+        raise PmdError(f"source {source!r} has no shards in {out}")
+    shown = 0
+    for tar in tars:
+        for sample in read_tar_samples(tar):
+            yield sample
+            shown += 1
+            if shown == n:
+                return
+
+
+def read_tar_samples(tar: Path) -> Iterator[dict]:
+    """Samples of a tar in order, as {'__key__', 'source_tar', ext: bytes} (members of one key are adjacent)."""
+    sample: dict = {}
+    with tarfile.open(tar) as archive:
+        for member in archive:
+            key, _, ext = member.name.partition(".")
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample.setdefault("__key__", key)
+            sample["source_tar"] = str(tar)
+            sample[ext] = archive.extractfile(member).read()
+    if sample:
+        yield sample
+
+
+def write_sample_files(sample: dict, to: Path) -> list[Path]:
+    files = []
+    key = sample["__key__"]
+    if IMAGE_EXT in sample:
+        files.append(to / f"{key}.jpg")
+        files[-1].write_bytes(sample[IMAGE_EXT])
+    if TOKENS_EXT in sample:
+        files.append(to / f"{key}_tokens.png")
+        token_grid_image(np.load(io.BytesIO(sample[TOKENS_EXT]), allow_pickle=False)).save(files[-1])
+    return files
+
+
+def token_grid_image(tokens: np.ndarray) -> Image.Image:
+    """The 14x14 code grid as a 224x224 picture: one colour per code, so repeated codes are visible."""
+    pixels = PALETTE[tokens.astype(np.int64)]
+    return Image.fromarray(pixels, "RGB").resize(
+        (tokens.shape[1] * GRID_CELL, tokens.shape[0] * GRID_CELL), Image.Resampling.NEAREST
+    )
+
+
+def describe(sample: dict, files: list[Path]) -> str:
+    meta = json.loads(sample[JSON_EXT]) if JSON_EXT in sample else {}
+    captions = meta.get("captions") or ([sample[TEXT_EXT].decode()] if TEXT_EXT in sample else [])
+    lines = [f"[bold]source[/]   {meta.get('source', Path(sample['source_tar']).parent.name)}"]
+    lines += [f"[bold]caption[/]  {c}" for c in captions] or ["[bold]caption[/]  - (image only)"]
+    lines.append(f"[bold]url[/]      {meta.get('url') or meta.get('image_path') or '-'}")
+    lines.append(f"[bold]licence[/]  {meta.get('license') or '-'}")
+    if "width" in meta:
+        lines.append(
+            f"[bold]size[/]     stored {meta['width']}x{meta['height']}, original "
+            f"{meta.get('original_width')}x{meta.get('original_height')}, crop {meta.get('crop_box') or '-'}"
+        )
+    if meta.get("meta") and isinstance(meta["meta"], dict) and "label" in meta["meta"]:
+        lines.append(f"[bold]label[/]    {meta['meta']['label']}")
+    lines.append(f"[bold]tokens[/]   {'14x14 dVAE grid' if TOKENS_EXT in sample else 'none'}")
+    lines.append(f"[bold]shard[/]    {sample['source_tar']}")
+    lines += [f"[bold]wrote[/]    {f}" for f in files]
+    return "\n".join(lines)

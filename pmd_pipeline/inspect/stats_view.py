@@ -1,0 +1,132 @@
+"""`pmd stats`: the build statistics as rich tables or JSON, beside the paper's figures for each source."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pmd_pipeline.errors import PmdError
+from shards.stats import DEFAULT_SAMPLE_SHARDS, collect_stats
+
+
+def run_stats(
+    out: Path, source: str | None, as_json: bool, plots: Path | None, sample_shards: int = DEFAULT_SAMPLE_SHARDS
+) -> dict:
+    if sample_shards < 0:
+        raise PmdError("--sample-shards must be 0 (read every shard) or a positive number")
+    report = collect_stats(out, source, sample_shards=sample_shards)
+    if as_json:
+        print(json.dumps(public_report(report), indent=1))
+    else:
+        console = Console()
+        console.print(counts_table(report))
+        console.print(content_table(report))
+        console.print(_sampling_note(report), style="dim", highlight=False)
+    if plots is not None:
+        from pmd_pipeline.inspect.plots import write_plots
+
+        written = write_plots(out, report, plots, sample_shards)
+        Console(stderr=True).print(f"{len(written)} charts written to {plots}", highlight=False)
+    return report
+
+
+def public_report(report: dict) -> dict:
+    """The report without the 8192 code counts per source (the plots use them; JSON readers get a summary)."""
+
+    def strip(summary: dict) -> dict:
+        tokens = {k: v for k, v in summary["tokens"].items() if k != "code_counts"}
+        return {**summary, "tokens": tokens}
+
+    return {
+        **report,
+        "sources": {name: strip(s) for name, s in report["sources"].items()},
+        "total": strip(report["total"]),
+    }
+
+
+def _rows(report: dict) -> list[tuple[str, dict]]:
+    return list(report["sources"].items()) + [("total", report["total"])]
+
+
+def counts_table(report: dict) -> Table:
+    table = Table(title=f"PMD build {report['out']}: counts", title_justify="left")
+    for column in ("source", "shards", "rows in", "malformed", "samples", "pairs", "paper pairs", "fetch ok"):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    table.add_column("top failures")
+    table.add_column("top drops")
+    table.add_column("GiB", justify="right")
+    for name, s in _rows(report):
+        paper = s["paper"]
+        table.add_row(
+            name,
+            f"{s['shards']}/{s['shards_planned']}",
+            f"{s['rows_in']:,}",
+            f"{s['rejected_raw_records']:,}",
+            f"{s['samples_written']:,}",
+            f"{s['pairs_written']:,}",
+            f"{paper['pairs_millions']:g}M" if paper else "-",
+            f"{s['fetch_success_rate']:.1%}" if s["fetch_success_rate"] is not None else "-",
+            _top(s["rows_failed"]),
+            _top(s["rows_dropped"]),
+            f"{s['tar_bytes'] / 2**30:.2f}",
+            end_section=name == list(report["sources"])[-1],
+        )
+    return table
+
+
+def content_table(report: dict) -> Table:
+    table = Table(title="captions, images and dVAE tokens", title_justify="left")
+    table.add_column("source")
+    for column in ("words/pair", "paper", "median (p10-p90)", "image px p50 (WxH)", "KiB p50", "tokenized"):
+        table.add_column(column, justify="right")
+    table.add_column("codebook")
+    table.add_column("codes used", justify="right")
+    for name, s in _rows(report):
+        dist, tokens, paper = s["distribution"] or {}, s["tokens"], s["paper"]
+        table.add_row(
+            name,
+            f"{s['mean_caption_words']:.2f}" if s["mean_caption_words"] is not None else "-",
+            f"{paper['mean_words']:g}" if paper else "-",
+            _spread(dist.get("caption_words")),
+            _size(dist),
+            f"{dist['image_bytes']['p50'] / 1024:.1f}" if dist.get("image_bytes") else "-",
+            f"{tokens['tokenized_fraction']:.0%}" if tokens["tokenized_fraction"] is not None else "-",
+            _codebook(tokens),
+            f"{tokens['codes_used']}/8192" if tokens["shards_tokenized"] else "-",
+            end_section=name == list(report["sources"])[-1],
+        )
+    return table
+
+
+def _sampling_note(report: dict) -> str:
+    read = [(s["distribution"]["shards_read"], s["shards"]) for s in report["sources"].values() if s["distribution"]]
+    partial = sum(r for r, n in read if r < n), sum(n for r, n in read if r < n)
+    if not partial[1]:
+        return "counts are exact sums of every finished shard; distributions read every shard's parquet"
+    return (
+        f"counts are exact sums of every finished shard; medians and percentiles come from {partial[0]} of "
+        f"{partial[1]} shards' parquet files, evenly spaced (--sample-shards 0 reads all)"
+    )
+
+
+def _top(counts: dict, n: int = 3) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in list(counts.items())[:n]) or "-"
+
+
+def _spread(p: dict | None) -> str:
+    return f"{p['p50']:g} ({p['p10']:g}-{p['p90']:g})" if p else "-"
+
+
+def _size(dist: dict) -> str:
+    w, h = dist.get("original_width"), dist.get("original_height")
+    return f"{w['p50']:.0f}x{h['p50']:.0f}" if w and h else "-"
+
+
+def _codebook(tokens: dict) -> str:
+    if not tokens["codebooks"]:
+        return "-"
+    names = [c[:19] + "…" if c.startswith("sha256:") else c for c in tokens["codebooks"]]
+    return ("[red]RANDOM[/] " if tokens["codebook_random"] else "") + ", ".join(names)

@@ -1,0 +1,130 @@
+"""`pmd stats`: exact counts from the shard stats files, the paper's figures, distributions, tokens, JSON, plots."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pmd_pipeline.cli import app
+from shards.stats import collect_stats, evenly_spaced
+from sources import REGISTRY
+from tests.inspect_helpers import CODEBOOK_ID, copy_build, tar_samples, tokenize_build
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tokenized(embedded_build, tmp_path_factory):
+    return tokenize_build(copy_build(embedded_build[0], tmp_path_factory.mktemp("stats") / "out"))
+
+
+def test_counts_match_the_manifest_and_the_rows(embedded_build):
+    out, _ = embedded_build
+    report = collect_stats(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("shards", "rows_in", "samples_written", "pairs_written", "rejected_raw_records"):
+        assert report["total"][key] == manifest["totals"][key], key
+    rows = pl.read_parquet(list(out.glob("*/0*.parquet")))
+    failed = dict(rows.filter(pl.col("status") == "failed")["reason"].value_counts().iter_rows())
+    assert report["total"]["rows_failed"] == dict(sorted(failed.items(), key=lambda kv: -kv[1]))
+    assert report["sources"]["conceptual_captions"]["rejected_by_reason"] == {"wrong_column_count": 1}
+    attempted = report["total"]["fetch_attempted"]
+    assert report["total"]["fetch_success_rate"] == round(1 - sum(failed.values()) / attempted, 4)
+
+
+def test_caption_words_agree_with_the_captions_in_the_tars(embedded_build):
+    out, _ = embedded_build
+    report = collect_stats(out, sample_shards=0)
+    for name, summary in report["sources"].items():
+        words = [len(c.split()) for s in tar_samples(out, name).values() for c in json.loads(s["json"])["captions"]]
+        assert summary["pairs_written"] == len(words)
+        assert summary["mean_caption_words"] == round(sum(words) / len(words), 2)
+        assert summary["distribution"]["caption_words"]["p50"] == float(np.median(words))
+        assert summary["distribution"]["shards_read"] == summary["shards"]
+
+
+def test_paper_figures_come_from_the_registry(embedded_build):
+    report = collect_stats(embedded_build[0])
+    for name, summary in report["sources"].items():
+        info = REGISTRY[name].info
+        assert summary["paper"] == {"pairs_millions": info.paper_pairs, "mean_words": info.paper_avg_words}
+    coco, cc3m = REGISTRY["coco"].info, REGISTRY["conceptual_captions"].info
+    weighted = (coco.paper_pairs * coco.paper_avg_words + cc3m.paper_pairs * cc3m.paper_avg_words) / (
+        coco.paper_pairs + cc3m.paper_pairs
+    )
+    assert report["total"]["paper"]["mean_words"] == round(weighted, 2)
+
+
+def test_tokens_are_summarised_from_the_sidecars(tokenized):
+    report = collect_stats(tokenized)
+    tokens = report["total"]["tokens"]
+    samples = tar_samples(tokenized)
+    codes = np.concatenate([np.load(io.BytesIO(s["dvae.npy"])).ravel() for s in samples.values()])
+    assert tokens["tokenized_fraction"] == 1.0
+    assert tokens["codebooks"] == [CODEBOOK_ID] and tokens["codebook_random"]
+    assert tokens["samples_tokenized"] == len(samples) == report["total"]["samples_written"]
+    assert tokens["codes_used"] == len(np.unique(codes))
+    top_code, top_count = tokens["top_codes"][0]
+    assert top_count == int((codes == top_code).sum()) == np.bincount(codes).max()
+    on_disk = sum(p.stat().st_size for p in tokenized.glob("*/0*.tar"))
+    assert report["total"]["tar_bytes"] == on_disk  # the rewritten tars' sizes, from the sidecars
+
+
+def test_partly_tokenized_build_reports_the_fraction(embedded_build, tmp_path):
+    out = tokenize_build(copy_build(embedded_build[0], tmp_path / "out"), only=2)
+    report = collect_stats(out)
+    assert report["total"]["tokens"]["shards_tokenized"] == 2
+    assert report["total"]["tokens"]["tokenized_fraction"] == round(2 / report["total"]["shards"], 4)
+
+
+def test_cli_json_narrowed_to_one_source(tokenized):
+    result = runner.invoke(app, ["stats", str(tokenized), "--json", "--source", "coco"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert list(report["sources"]) == ["coco"]
+    assert report["total"]["samples_written"] == report["sources"]["coco"]["samples_written"] > 0
+    assert "code_counts" not in report["total"]["tokens"] and report["total"]["tokens"]["codes_used"] > 0
+
+
+def test_cli_table_shows_paper_figures_and_codebook(tokenized):
+    result = runner.invoke(app, ["stats", str(tokenized)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "paper pairs" in result.stdout and "0.9M" in result.stdout and "3.1M" in result.stdout
+    assert "12.4" in result.stdout and "10.3" in result.stdout  # the paper's mean words for COCO and CC3M
+    assert "RANDOM" in result.stdout and "100%" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--source", "nope"], "no source 'nope'"), (["--sample-shards", "-1"], "--sample-shards")],
+)
+def test_cli_errors_are_one_line(embedded_build, args, message):
+    result = runner.invoke(app, ["stats", str(embedded_build[0]), *args])
+    assert result.exit_code == 2 and message in " ".join(result.output.split())
+
+
+def test_not_a_build_folder(tmp_path):
+    result = runner.invoke(app, ["stats", str(tmp_path)])
+    assert result.exit_code == 2 and "not a pmd build output" in " ".join(result.output.split())
+
+
+def test_plots_are_written_as_png(tokenized, tmp_path):
+    result = runner.invoke(app, ["stats", str(tokenized), "--plots", str(tmp_path / "plots"), "--json"])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert names == ["caption_words.png", "codebook_usage.png", "failure_reasons.png", "image_sizes.png"]
+    for name in names:
+        with Image.open(tmp_path / "plots" / name) as image:
+            assert image.format == "PNG" and image.width >= 600
+
+
+def test_evenly_spaced_keeps_first_and_last():
+    assert evenly_spaced(list(range(10)), 3) == [0, 4, 9]  # round(4.5) is 4: banker's rounding, still spread
+    assert evenly_spaced(list(range(10)), 0) == list(range(10))
+    assert evenly_spaced([1, 2], 5) == [1, 2]

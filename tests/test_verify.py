@@ -1,0 +1,119 @@
+"""`pmd verify`: a clean tokenized build passes and gets its indexes; each kind of damage is caught and exits 1."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pmd_pipeline.cli import app
+from pmd_pipeline.inspect.verify import verify_build
+from tests.inspect_helpers import copy_build, npy_bytes, read_members, tokenize_build, write_tar
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tokenized(embedded_build, tmp_path_factory):
+    return tokenize_build(copy_build(embedded_build[0], tmp_path_factory.mktemp("verify") / "clean"))
+
+
+@pytest.fixture
+def damaged(tokenized, tmp_path):
+    return copy_build(tokenized, tmp_path / "out")
+
+
+def problems(out) -> list[str]:
+    return [f"{c.tar}: {p}" for cs in verify_build(out).values() for c in cs for p in c.problems]
+
+
+def replace_member(tar, suffix: str, data: bytes) -> None:
+    """Swap the first member ending in `suffix` (keeps every other byte the writer made)."""
+    members = read_members(tar)
+    index = next(i for i, (name, _) in enumerate(members) if name.endswith(suffix))
+    members[index] = (members[index][0], data)
+    write_tar(tar, members)
+
+
+def test_clean_build_passes_and_gets_sizes_and_wids_index(tokenized):
+    result = runner.invoke(app, ["verify", str(tokenized)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tokenized / "manifest.json").read_text())
+    for source, entry in manifest["sources"].items():
+        expected = {s["tar"].split("/")[1]: s["samples"] for s in entry["shard_files"]}
+        assert json.loads((tokenized / source / "sizes.json").read_text()) == expected
+        index = json.loads((tokenized / source / "shardindex.json").read_text())
+        assert index["__kind__"] == "wids-shard-index-v1" and index["wids_version"] == 1
+        assert {s["url"]: s["nsamples"] for s in index["shardlist"]} == {k: v for k, v in expected.items() if v}
+
+
+def test_untokenized_build_passes(embedded_build, tmp_path):
+    assert problems(copy_build(embedded_build[0], tmp_path / "out")) == []
+
+
+def test_broken_jpeg_is_caught(damaged):
+    tar = damaged / "coco/00000.tar"
+    jpg = next(data for name, data in read_members(tar) if name.endswith(".jpg"))
+    replace_member(tar, ".jpg", jpg[: len(jpg) // 3])
+    found = problems(damaged)
+    assert any("coco/00000.tar" in p and ".jpg: does not decode" in p for p in found), found
+    assert any("sha256" in p and "differs from manifest" in p for p in found), found
+    result = runner.invoke(app, ["verify", str(damaged)])
+    assert result.exit_code == 1 and "does not decode" in result.output
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        (np.full((14, 14), 8192, dtype=np.uint16), "outside the codebook"),
+        (np.zeros((14, 14), dtype=np.int32), "dtype int32"),
+        (np.zeros((7, 7), dtype=np.uint16), "shape (7, 7)"),
+    ],
+)
+def test_bad_tokens_are_caught(damaged, tokens, message):
+    replace_member(damaged / "conceptual_captions/00001.tar", ".dvae.npy", npy_bytes(tokens))
+    assert any(".dvae.npy" in p and message in p for p in problems(damaged))
+
+
+def test_bad_json_and_missing_caption_are_caught(damaged):
+    tar = damaged / "coco/00001.tar"
+    members = read_members(tar)
+    first_key = members[0][0].partition(".")[0]
+    members = [(n, b"{not json" if n.endswith(".json") else d) for n, d in members if n != f"{first_key}.txt"]
+    write_tar(tar, members)
+    found = problems(damaged)
+    assert any(f"{first_key}: missing .txt" in p for p in found)
+    assert any(".json: does not parse" in p for p in found)
+
+
+def test_counts_and_files_are_checked_against_the_manifest(damaged):
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    manifest["sources"]["coco"]["shard_files"][0]["samples"] += 1
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    (damaged / "conceptual_captions/00002.tar").unlink()
+    (damaged / "coco/00009.tar").write_bytes((damaged / "coco/00001.tar").read_bytes())
+    found = problems(damaged)
+    assert any(p.startswith("coco/00000.tar") and "manifest.json says" in p for p in found)
+    assert any(p.startswith("conceptual_captions/00002.tar") and "missing on disk" in p for p in found)
+    assert any(p.startswith("coco/00009.tar") and "not listed in manifest.json" in p for p in found)
+
+
+def test_stale_token_sidecar_is_caught(damaged):
+    sidecar = damaged / "coco/00000_dvae.json"
+    doc = json.loads(sidecar.read_text())
+    doc["tar_sha256"] = "0" * 64
+    sidecar.write_text(json.dumps(doc))
+    assert any("_dvae.json describes another tar" in p for p in problems(damaged))
+
+
+def test_tokens_without_a_sidecar_are_caught(damaged):
+    (damaged / "coco/00000_dvae.json").unlink()
+    assert any("carry tokens but there is no _dvae.json" in p for p in problems(damaged))
+
+
+def test_build_without_manifest_is_an_error(damaged):
+    (damaged / "manifest.json").unlink()
+    result = runner.invoke(app, ["verify", str(damaged)])
+    assert result.exit_code == 2 and "no manifest.json" in " ".join(result.output.split())
