@@ -30,10 +30,12 @@ def test_webdataset_decodes_images_text_and_tokens(verified):
     tars = [str(p) for p in sorted(verified.glob("*/0*.tar"))]
     dataset = wds.WebDataset(tars, shardshuffle=False).decode("pil")
     count = 0
-    for sample in dataset:
-        assert sample["jpg"].size == (224, 224)
-        assert sample["txt"] == sample["json"]["captions"][0]
-        assert sample["dvae.npy"].shape == (14, 14) and sample["dvae.npy"].dtype == np.uint16
+    for sample in dataset:  # pairs; image-only (imagenet: no txt); text-only (text_corpus: no jpg, no tokens)
+        if sample["json"]["captions"]:
+            assert sample["txt"] == sample["json"]["captions"][0]
+        if "jpg" in sample:
+            assert sample["jpg"].size == (224, 224)
+            assert sample["dvae.npy"].shape == (14, 14) and sample["dvae.npy"].dtype == np.uint16
         count += 1
     assert count == manifest_samples(verified)
 
@@ -61,7 +63,9 @@ def test_ray_data_reads_the_shards(verified, ray_session):
     assert len(rows) == manifest_samples(verified)
     keys = {row["__key__"] for row in rows}
     assert keys == set(tar_samples(verified))
-    assert all(isinstance(row["jpg"], bytes) and row["dvae.npy"] for row in rows)
+    images = [row for row in rows if row.get("jpg")]  # text-only samples have no image (Ray fills the column)
+    bad = [row["__key__"] for row in images if not (isinstance(row["jpg"], bytes) and row.get("dvae.npy"))]
+    assert images and not bad, bad[:5]
 
 
 def test_parquet_opens_in_polars_and_pyarrow(verified):

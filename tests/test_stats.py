@@ -30,7 +30,8 @@ def test_counts_match_the_manifest_and_the_rows(embedded_build):
     manifest = json.loads((out / "manifest.json").read_text())
     for key in ("shards", "rows_in", "samples_written", "pairs_written", "rejected_raw_records"):
         assert report["total"][key] == manifest["totals"][key], key
-    rows = pl.read_parquet(list(out.glob("*/0*.parquet")))
+    # per-source parquet schemas differ (each source's filter scores): read the common columns
+    rows = pl.concat([pl.read_parquet(p, columns=["status", "reason"]) for p in out.glob("*/0*.parquet")])
     failed = dict(rows.filter(pl.col("status") == "failed")["reason"].value_counts().iter_rows())
     assert report["total"]["rows_failed"] == dict(sorted(failed.items(), key=lambda kv: -kv[1]))
     assert report["sources"]["conceptual_captions"]["rejected_by_reason"] == {"wrong_column_count": 1}
@@ -44,6 +45,8 @@ def test_caption_words_agree_with_the_captions_in_the_tars(embedded_build):
     for name, summary in report["sources"].items():
         words = [len(c.split()) for s in tar_samples(out, name).values() for c in json.loads(s["json"])["captions"]]
         assert summary["pairs_written"] == len(words)
+        if not words:  # image-only samples (imagenet) have no caption
+            continue
         assert summary["mean_caption_words"] == round(sum(words) / len(words), 2)
         assert summary["distribution"]["caption_words"]["p50"] == float(np.median(words))
         assert summary["distribution"]["shards_read"] == summary["shards"]
@@ -53,22 +56,21 @@ def test_paper_figures_come_from_the_registry(embedded_build):
     report = collect_stats(embedded_build[0])
     for name, summary in report["sources"].items():
         info = REGISTRY[name].info
-        assert summary["paper"] == {"pairs_millions": info.paper_pairs, "mean_words": info.paper_avg_words}
-    coco, cc3m = REGISTRY["coco"].info, REGISTRY["conceptual_captions"].info
-    weighted = (coco.paper_pairs * coco.paper_avg_words + cc3m.paper_pairs * cc3m.paper_avg_words) / (
-        coco.paper_pairs + cc3m.paper_pairs
-    )
+        expected = {"pairs_millions": info.paper_pairs, "mean_words": info.paper_avg_words}
+        assert summary["paper"] == (expected if info.paper_pairs else None)  # unimodal sources: not in the table
+    infos = [REGISTRY[name].info for name in report["sources"] if REGISTRY[name].info.paper_pairs]
+    weighted = sum(i.paper_pairs * i.paper_avg_words for i in infos) / sum(i.paper_pairs for i in infos)
     assert report["total"]["paper"]["mean_words"] == round(weighted, 2)
 
 
 def test_tokens_are_summarised_from_the_sidecars(tokenized):
     report = collect_stats(tokenized)
     tokens = report["total"]["tokens"]
-    samples = tar_samples(tokenized)
+    samples = {k: s for k, s in tar_samples(tokenized).items() if "jpg" in s}  # text-only samples have no tokens
     codes = np.concatenate([np.load(io.BytesIO(s["dvae.npy"])).ravel() for s in samples.values()])
     assert tokens["tokenized_fraction"] == 1.0
     assert tokens["codebooks"] == [CODEBOOK_ID] and tokens["codebook_random"]
-    assert tokens["samples_tokenized"] == len(samples) == report["total"]["samples_written"]
+    assert tokens["samples_tokenized"] == len(samples)
     assert tokens["codes_used"] == len(np.unique(codes))
     top_code, top_count = tokens["top_codes"][0]
     assert top_count == int((codes == top_code).sum()) == np.bincount(codes).max()
