@@ -89,10 +89,17 @@ class BuildConfig:
             "shard_size": self.shard_size,
             "sources": [dataclasses.asdict(s) for s in self.enabled_sources()],
             "filters": [dataclasses.asdict(f) for f in self.filters],
+            "filter_chains": self._filter_chains(),
             "image": dataclasses.asdict(self.image),
         }
         blob = json.dumps(content, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def _filter_chains(self) -> dict:
+        """Each source's resolved chain: a source's built-in default decides content as much as the config."""
+        from pmd_pipeline.process import filter_chain  # late: process imports the sources, which import this
+
+        return {s.name: [dataclasses.asdict(f) for f in filter_chain(self, s.name)] for s in self.enabled_sources()}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
