@@ -84,12 +84,26 @@ def test_partly_tokenized_build_reports_the_fraction(embedded_build, tmp_path):
 
 
 def test_cli_json_narrowed_to_one_source(tokenized):
-    result = runner.invoke(app, ["stats", str(tokenized), "--json", "--source", "coco"])
+    result = runner.invoke(app, ["stats", str(tokenized), "--json", "--source", "coco", "--codes"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert list(report["sources"]) == ["coco"]
     assert report["total"]["samples_written"] == report["sources"]["coco"]["samples_written"] > 0
     assert "code_counts" not in report["total"]["tokens"] and report["total"]["tokens"]["codes_used"] > 0
+
+
+def test_code_counts_are_read_only_when_asked_for(tokenized):
+    result = runner.invoke(app, ["stats", str(tokenized), "--json"])
+    tokens = json.loads(result.stdout)["total"]["tokens"]
+    assert tokens["codes_used"] is None and tokens["top_codes"] is None
+    assert tokens["samples_tokenized"] == collect_stats(tokenized)["total"]["tokens"]["samples_tokenized"] > 0
+
+
+def test_damaged_sidecar_is_a_clear_error(tokenized, tmp_path):
+    out = copy_build(tokenized, tmp_path / "out")
+    (out / "coco/00000_dvae.json").write_text('{"code_counts": [1, 2, 3], "codebook": ')
+    result = runner.invoke(app, ["stats", str(out)])
+    assert result.exit_code == 2 and "unreadable dVAE sidecar" in " ".join(result.output.split())
 
 
 def test_cli_table_shows_paper_figures_and_codebook(tokenized):

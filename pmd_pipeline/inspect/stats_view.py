@@ -13,11 +13,16 @@ from shards.stats import DEFAULT_SAMPLE_SHARDS, collect_stats
 
 
 def run_stats(
-    out: Path, source: str | None, as_json: bool, plots: Path | None, sample_shards: int = DEFAULT_SAMPLE_SHARDS
+    out: Path,
+    source: str | None,
+    as_json: bool,
+    plots: Path | None,
+    sample_shards: int = DEFAULT_SAMPLE_SHARDS,
+    codes: bool = False,
 ) -> dict:
     if sample_shards < 0:
         raise PmdError("--sample-shards must be 0 (read every shard) or a positive number")
-    report = collect_stats(out, source, sample_shards=sample_shards)
+    report = collect_stats(out, source, sample_shards=sample_shards, codes=codes or plots is not None)
     if as_json:
         print(json.dumps(public_report(report), indent=1))
     else:
@@ -95,7 +100,7 @@ def content_table(report: dict) -> Table:
             f"{dist['image_bytes']['p50'] / 1024:.1f}" if dist.get("image_bytes") else "-",
             f"{tokens['tokenized_fraction']:.0%}" if tokens["tokenized_fraction"] is not None else "-",
             _codebook(tokens),
-            f"{tokens['codes_used']}/8192" if tokens["shards_tokenized"] else "-",
+            f"{tokens['codes_used']}/8192" if tokens["codes_used"] is not None else "-",
             end_section=name == list(report["sources"])[-1],
         )
     return table
