@@ -62,7 +62,7 @@ def counts_table(report: dict) -> Table:
         table.add_column(column, justify="left" if column == "source" else "right")
     table.add_column("top failures")
     table.add_column("top drops")
-    table.add_column("GiB", justify="right")
+    table.add_column("on disk", justify="right")
     for name, s in _rows(report):
         paper = s["paper"]
         table.add_row(
@@ -76,7 +76,7 @@ def counts_table(report: dict) -> Table:
             f"{s['fetch_success_rate']:.1%}" if s["fetch_success_rate"] is not None else "-",
             _top(s["rows_failed"]),
             _top(s["rows_dropped"]),
-            f"{s['tar_bytes'] / 2**30:.2f}",
+            _bytes(s["tar_bytes"]),
             end_section=name == list(report["sources"])[-1],
         )
     return table
@@ -115,6 +115,10 @@ def _sampling_note(report: dict) -> str:
         f"counts are exact sums of every finished shard; medians and percentiles come from {partial[0]} of "
         f"{partial[1]} shards' parquet files, evenly spaced (--sample-shards 0 reads all)"
     )
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _top(counts: dict, n: int = 3) -> str:
