@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pmd_pipeline.cli import app
-from shards.stats import collect_stats, evenly_spaced
+from shards.stats import collect_stats, evenly_spaced, source_names, written_rows
 from sources import REGISTRY
 from tests.inspect_helpers import CODEBOOK_ID, copy_build, tar_samples, tokenize_build
 
@@ -136,6 +136,19 @@ def test_plots_are_written_as_png(tokenized, tmp_path):
     for name in names:
         with Image.open(tmp_path / "plots" / name) as image:
             assert image.format == "PNG" and image.width >= 600
+
+
+def test_the_bench_baseline_reads_the_same_numbers_from_the_tars(tmp_path):
+    from benchmarks.bench_stats import make_build, numbers_from_tars
+
+    out = make_build(tmp_path / "out", shards=8)
+    total = collect_stats(out, sample_shards=0)["total"]
+    from_tars = numbers_from_tars(sorted(out.glob("*/0*.tar")))
+    assert from_tars["samples"] == total["samples_written"] == total["tokens"]["samples_tokenized"]
+    assert from_tars["pairs"] == total["pairs_written"]
+    assert from_tars["codes_used"] == total["tokens"]["codes_used"]
+    words = pl.concat([written_rows(out, name, 0)[0]["words"].list.explode() for name in source_names(out)])
+    assert from_tars["median_words"] == words.median()
 
 
 def test_evenly_spaced_keeps_first_and_last():
