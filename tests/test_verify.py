@@ -88,6 +88,11 @@ def test_bad_json_and_missing_caption_are_caught(damaged):
     assert any(".json: does not parse" in p for p in found)
 
 
+def test_caption_that_differs_from_its_json_is_caught(damaged):
+    replace_member(damaged / "coco/00000.tar", ".txt", b"some other caption")
+    assert any(".txt is not the first caption of .json" in p for p in problems(damaged))
+
+
 def test_counts_and_files_are_checked_against_the_manifest(damaged):
     manifest = json.loads((damaged / "manifest.json").read_text())
     manifest["sources"]["coco"]["shard_files"][0]["samples"] += 1
