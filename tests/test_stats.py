@@ -106,6 +106,16 @@ def test_damaged_sidecar_is_a_clear_error(tokenized, tmp_path):
     assert result.exit_code == 2 and "unreadable dVAE sidecar" in " ".join(result.output.split())
 
 
+def test_code_counts_of_the_wrong_length_are_a_clear_error(tokenized, tmp_path):
+    out = copy_build(tokenized, tmp_path / "out")
+    sidecar = json.loads((out / "coco/00000_dvae.json").read_text())
+    sidecar["code_counts"] = sidecar["code_counts"][:100]
+    (out / "coco/00000_dvae.json").write_text(json.dumps(sidecar))
+    assert runner.invoke(app, ["stats", str(out)]).exit_code == 0  # the counts are not read without --codes
+    result = runner.invoke(app, ["stats", str(out), "--codes"])
+    assert result.exit_code == 2 and "100 code counts, expected 8192" in " ".join(result.output.split())
+
+
 def test_cli_table_shows_paper_figures_and_codebook(tokenized):
     result = runner.invoke(app, ["stats", str(tokenized)], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
