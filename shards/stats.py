@@ -45,7 +45,13 @@ def collect_stats(
     total["paper"] = _paper_total([s["paper"] for s in sources.values()])
     total["tokens"] = _merge_tokens([s["tokens"] for s in sources.values()], total["shards"])
     total["distribution"] = None  # percentiles do not add up across sources
-    return {"out": str(out), "sources": sources, "total": total}
+    return {"out": str(out), "sources": sources, "total": total, "manifest_tokens": _manifest_tokens(out)}
+
+
+def _manifest_tokens(out: Path) -> dict | None:
+    """The manifest's top-level "tokens" entry (codebook, random, note) once the tokenize stage has run."""
+    path = out / "manifest.json"
+    return json.loads(path.read_bytes()).get("tokens") if path.exists() else None
 
 
 def source_names(out: Path, source: str | None = None) -> list[str]:
@@ -72,6 +78,15 @@ def _files_ending(folder: Path, suffix: str) -> list[str]:
     return [os.path.join(folder, name) for name in sorted(n for n in os.listdir(folder) if n.endswith(suffix))]
 
 
+def _load_stats(path: str) -> dict:
+    try:
+        return json.loads(_read_bytes(path))
+    except ValueError as err:
+        raise PmdError(
+            f"{path}: unreadable shard stats ({err}); delete it and re-run `pmd build` to redo the shard"
+        ) from None
+
+
 def _read_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -79,9 +94,9 @@ def _read_bytes(path: str) -> bytes:
 
 def _source_summary(out: Path, name: str, sample_shards: int, codes: bool) -> dict:
     plan = json.loads((out / "_plan" / name / "_plan.json").read_text())
-    stats_files = shard_stats_files(out, name)
-    sidecars = read_sidecars(out, name, with_codes=codes)
-    shards = [json.loads(_read_bytes(p)) for p in stats_files]
+    shards = [_load_stats(p) for p in shard_stats_files(out, name)]
+    finished = {s["shard"] for s in shards}  # a sidecar counts only beside a finished shard
+    sidecars = {k: v for k, v in read_sidecars(out, name, with_codes=codes).items() if k in finished}
     for shard in shards:  # a tokenized shard's tar was rewritten: its size is the sidecar's
         if shard["shard"] in sidecars:
             shard["tar_bytes"] = sidecars[shard["shard"]]["tar_bytes"]

@@ -106,6 +106,15 @@ def test_damaged_sidecar_is_a_clear_error(tokenized, tmp_path):
     assert result.exit_code == 2 and "unreadable dVAE sidecar" in " ".join(result.output.split())
 
 
+def test_damaged_stats_file_is_a_clear_error_and_stray_sidecars_do_not_count(tokenized, tmp_path):
+    out = copy_build(tokenized, tmp_path / "out")
+    (out / "coco/00007_dvae.json").write_text((out / "coco/00000_dvae.json").read_text())  # no shard 00007
+    assert collect_stats(out)["total"]["tokens"]["tokenized_fraction"] == 1.0
+    (out / "coco/00001_stats.json").write_text("{")
+    result = runner.invoke(app, ["stats", str(out)])
+    assert result.exit_code == 2 and "unreadable shard stats" in " ".join(result.output.split())
+
+
 def test_code_counts_of_the_wrong_length_are_a_clear_error(tokenized, tmp_path):
     out = copy_build(tokenized, tmp_path / "out")
     sidecar = json.loads((out / "coco/00000_dvae.json").read_text())
@@ -122,6 +131,7 @@ def test_cli_table_shows_paper_figures_and_codebook(tokenized):
     assert "paper pairs" in result.stdout and "0.9M" in result.stdout and "3.1M" in result.stdout
     assert "12.4" in result.stdout and "10.3" in result.stdout  # the paper's mean words for COCO and CC3M
     assert "RANDOM" in result.stdout and "100%" in result.stdout
+    assert "test tokens from a random generator" in result.stdout  # the manifest's note
 
 
 @pytest.mark.parametrize(

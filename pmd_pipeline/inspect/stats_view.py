@@ -30,6 +30,10 @@ def run_stats(
         console.print(counts_table(report))
         console.print(content_table(report))
         console.print(_sampling_note(report), style="dim", highlight=False)
+        if report["manifest_tokens"]:
+            tokens = report["manifest_tokens"]
+            random = " [red](random codebook)[/]" if tokens.get("random") else ""
+            console.print(f"tokens: {tokens.get('codebook')}{random}: {tokens.get('note', '')}", highlight=False)
     if plots is not None:
         from pmd_pipeline.inspect.plots import write_plots
 
