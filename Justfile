@@ -26,6 +26,10 @@ test *ARGS:
 test-slow *ARGS:
     python -m pytest -m slow {{ARGS}}
 
+# Re-read every shard of a build: complete samples, counts and sha256 vs the manifest; writes sizes.json + wids index
+verify OUT="pmd_out" *ARGS:
+    pmd verify {{OUT}} {{ARGS}}
+
 # Measure the issues' figures and print them (see BENCHMARKS.md)
 bench *ARGS:
     python -m benchmarks {{ARGS}}

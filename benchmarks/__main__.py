@@ -13,6 +13,7 @@ BENCHES = {
     "fetch": "benchmarks.bench_fetch",
     "embedded": "benchmarks.bench_embedded",
     "yfcc": "benchmarks.bench_yfcc",
+    "stats": "benchmarks.bench_stats",
 }
 RESULTS = Path(__file__).parent / "results"
 

@@ -2,12 +2,14 @@
 
 Counts are exact sums of the shards' `_stats.json`. Distributions (median caption words, image size
 percentiles) need the rows, so they come from the parquet files of an evenly spaced subset of each
-source's shards (`sample_shards`, 0 = all): a 10,000-shard build answers in about a second.
+source's shards (`sample_shards`, 0 = all): 10,000 shards take about 1.4 s of CPU (docs/bench_stats.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -33,15 +35,23 @@ PERCENTILES = (10, 50, 90)
 TOP_CODES = 10
 
 
-def collect_stats(out: Path, source: str | None = None, sample_shards: int = DEFAULT_SAMPLE_SHARDS) -> dict:
-    """{'sources': {name: summary}, 'total': summary} for a build folder."""
+def collect_stats(
+    out: Path, source: str | None = None, sample_shards: int = DEFAULT_SAMPLE_SHARDS, codes: bool = True
+) -> dict:
+    """{'sources': {name: summary}, 'total': summary} for a build folder; `codes` adds codebook usage."""
     names = source_names(out, source)
-    sources = {name: _source_summary(out, name, sample_shards) for name in names}
+    sources = {name: _source_summary(out, name, sample_shards, codes) for name in names}
     total = _merge(list(sources.values()))
     total["paper"] = _paper_total([s["paper"] for s in sources.values()])
     total["tokens"] = _merge_tokens([s["tokens"] for s in sources.values()], total["shards"])
     total["distribution"] = None  # percentiles do not add up across sources
-    return {"out": str(out), "sources": sources, "total": total}
+    return {"out": str(out), "sources": sources, "total": total, "manifest_tokens": _manifest_tokens(out)}
+
+
+def _manifest_tokens(out: Path) -> dict | None:
+    """The manifest's top-level "tokens" entry (codebook, random, note) once the tokenize stage has run."""
+    path = out / "manifest.json"
+    return json.loads(path.read_bytes()).get("tokens") if path.exists() else None
 
 
 def source_names(out: Path, source: str | None = None) -> list[str]:
@@ -56,16 +66,37 @@ def source_names(out: Path, source: str | None = None) -> list[str]:
     return [source]
 
 
-def shard_stats_files(out: Path, source: str) -> list[Path]:
+def shard_stats_files(out: Path, source: str) -> list[str]:
     """Finished shards of a source (their stats file is the completion marker), in shard order."""
-    return sorted((out / source).glob("*_stats.json"))
+    return _files_ending(out / source, "_stats.json")
 
 
-def _source_summary(out: Path, name: str, sample_shards: int) -> dict:
+def _files_ending(folder: Path, suffix: str) -> list[str]:
+    """Sorted paths (str) of a folder's files by name suffix: os.listdir and str, 10x faster than Path at 10k files."""
+    if not folder.is_dir():
+        return []
+    return [os.path.join(folder, name) for name in sorted(n for n in os.listdir(folder) if n.endswith(suffix))]
+
+
+def _load_stats(path: str) -> dict:
+    try:
+        return json.loads(_read_bytes(path))
+    except ValueError as err:
+        raise PmdError(
+            f"{path}: unreadable shard stats ({err}); delete it and re-run `pmd build` to redo the shard"
+        ) from None
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _source_summary(out: Path, name: str, sample_shards: int, codes: bool) -> dict:
     plan = json.loads((out / "_plan" / name / "_plan.json").read_text())
-    stats_files = shard_stats_files(out, name)
-    sidecars = read_sidecars(out, name)
-    shards = [json.loads(p.read_text()) for p in stats_files]
+    shards = [_load_stats(p) for p in shard_stats_files(out, name)]
+    finished = {s["shard"] for s in shards}  # a sidecar counts only beside a finished shard
+    sidecars = {k: v for k, v in read_sidecars(out, name, with_codes=codes).items() if k in finished}
     for shard in shards:  # a tokenized shard's tar was rewritten: its size is the sidecar's
         if shard["shard"] in sidecars:
             shard["tar_bytes"] = sidecars[shard["shard"]]["tar_bytes"]
@@ -125,13 +156,45 @@ def _paper_total(figures: list[dict | None]) -> dict | None:
 # --- dVAE token sidecars -------------------------------------------------------------------------
 
 
-def read_sidecars(out: Path, source: str) -> dict[str, dict]:
-    """{shard name: sidecar} for the tokenized shards of a source (NNNNN_dvae.json marks a shard tokenized)."""
-    return {p.name.removesuffix("_dvae.json"): json.loads(p.read_text()) for p in (out / source).glob("*_dvae.json")}
+def read_sidecars(out: Path, source: str, with_codes: bool = False) -> dict[str, dict]:
+    """{shard name: sidecar} for the tokenized shards of a source (NNNNN_dvae.json marks a shard tokenized).
+
+    The 8192 code counts are nearly all of a sidecar's bytes (400 MB of JSON for 10,000 shards), so they are
+    parsed only when asked for (`pmd stats --codes`, `--plots`); otherwise code_counts is None.
+    """
+    return {
+        os.path.basename(path).removesuffix("_dvae.json"): _parse_sidecar(path, with_codes)
+        for path in _files_ending(out / source, "_dvae.json")
+    }
 
 
-def code_counts(sidecars: list[dict]) -> np.ndarray:
-    """How often each of the 8192 codebook entries occurs, summed over shards."""
+def _parse_sidecar(path: str, with_codes: bool) -> dict:
+    data = _read_bytes(path)
+    try:
+        start = data.find(b'"code_counts"')
+        begin, end = data.index(b"[", start), data.index(b"]", start)  # a flat list of integers
+        sidecar = json.loads(data[:start] + b'"code_counts": null' + data[end + 1 :])
+        if with_codes:
+            sidecar["code_counts"] = _int_list(data[begin + 1 : end])
+    except (ValueError, KeyError, TypeError) as err:
+        raise PmdError(f"{path}: unreadable dVAE sidecar ({err}); re-run the tokenize stage for this shard") from None
+    return sidecar
+
+
+def _int_list(text: bytes) -> np.ndarray:
+    """The 8192 code counts; numpy's text parser is 10x faster than json.loads + np.asarray here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a partly parsed list warns; make it an error
+        counts = np.fromstring(text.decode("ascii"), dtype=np.int64, sep=",")
+    if len(counts) != CODEBOOK_SIZE:
+        raise ValueError(f"{len(counts)} code counts, expected {CODEBOOK_SIZE}")
+    return counts
+
+
+def code_counts(sidecars: list[dict]) -> np.ndarray | None:
+    """How often each of the 8192 codebook entries occurs, summed over shards (None when not read)."""
+    if any(s["code_counts"] is None for s in sidecars):
+        return None
     total = np.zeros(CODEBOOK_SIZE, dtype=np.int64)
     for sidecar in sidecars:
         total += np.asarray(sidecar["code_counts"], dtype=np.int64)
@@ -158,8 +221,9 @@ def _merge_tokens(parts: list[dict], shards: int) -> dict:
     failures = Counter()
     for p in parts:
         failures.update(p["failure_reasons"])
+    counts = [p["code_counts"] for p in parts]
     return _token_summary(
-        sum((p["code_counts"] for p in parts), np.zeros(CODEBOOK_SIZE, dtype=np.int64)),
+        None if any(c is None for c in counts) else sum(counts, np.zeros(CODEBOOK_SIZE, dtype=np.int64)),
         shards,
         shards_tokenized=sum(p["shards_tokenized"] for p in parts),
         samples_tokenized=sum(p["samples_tokenized"] for p in parts),
@@ -170,15 +234,15 @@ def _merge_tokens(parts: list[dict], shards: int) -> dict:
     )
 
 
-def _token_summary(counts: np.ndarray, shards: int, **fields) -> dict:
-    top = np.argsort(counts, kind="stable")[::-1][:TOP_CODES]
+def _token_summary(counts: np.ndarray | None, shards: int, **fields) -> dict:
+    top = [] if counts is None else np.argsort(counts, kind="stable")[::-1][:TOP_CODES]
     return {
         **fields,
         "tokenized_fraction": round(fields["shards_tokenized"] / shards, 4) if shards else None,
         "failure_reasons": dict(fields["failure_reasons"].most_common()),
         "codebooks": sorted(fields["codebooks"]),
-        "codes_used": int((counts > 0).sum()),
-        "top_codes": [[int(c), int(counts[c])] for c in top if counts[c]],
+        "codes_used": None if counts is None else int((counts > 0).sum()),
+        "top_codes": None if counts is None else [[int(c), int(counts[c])] for c in top if counts[c]],
         "code_counts": counts,  # the views drop it (8192 numbers); plots use it
     }
 
@@ -190,12 +254,11 @@ ROW_COLUMNS = ["status", "kept_captions", "original_width", "original_height", "
 
 def written_rows(out: Path, source: str, sample_shards: int = DEFAULT_SAMPLE_SHARDS) -> tuple[pl.DataFrame, int]:
     """(written rows, shards read) of an evenly spaced subset of finished shards: caption words and image sizes."""
-    parquets = [p.with_name(p.name.removesuffix("_stats.json") + ".parquet") for p in shard_stats_files(out, source)]
+    parquets = [p.removesuffix("_stats.json") + ".parquet" for p in shard_stats_files(out, source)]
     parquets = evenly_spaced(parquets, sample_shards)
     if not parquets:
         return pl.DataFrame(schema={"words": pl.List(pl.Int64), **{c: pl.Int64 for c in ROW_COLUMNS[2:]}}), 0
-    frames = [pl.read_parquet(p, columns=ROW_COLUMNS) for p in parquets]
-    rows = pl.concat(frames, how="vertical_relaxed").filter(pl.col("status") == "written")
+    rows = pl.scan_parquet(parquets).select(ROW_COLUMNS).filter(pl.col("status") == "written").collect()
     columns = rows.select(
         words=pl.col("kept_captions").list.eval(pl.element().str.count_matches(r"\S+")),
         original_width=pl.col("original_width").cast(pl.Int64),

@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pmd_pipeline.cli import app
-from shards.stats import collect_stats, evenly_spaced
+from shards.stats import collect_stats, evenly_spaced, source_names, written_rows
 from sources import REGISTRY
 from tests.inspect_helpers import CODEBOOK_ID, copy_build, tar_samples, tokenize_build
 
@@ -86,12 +86,45 @@ def test_partly_tokenized_build_reports_the_fraction(embedded_build, tmp_path):
 
 
 def test_cli_json_narrowed_to_one_source(tokenized):
-    result = runner.invoke(app, ["stats", str(tokenized), "--json", "--source", "coco"])
+    result = runner.invoke(app, ["stats", str(tokenized), "--json", "--source", "coco", "--codes"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert list(report["sources"]) == ["coco"]
     assert report["total"]["samples_written"] == report["sources"]["coco"]["samples_written"] > 0
     assert "code_counts" not in report["total"]["tokens"] and report["total"]["tokens"]["codes_used"] > 0
+
+
+def test_code_counts_are_read_only_when_asked_for(tokenized):
+    result = runner.invoke(app, ["stats", str(tokenized), "--json"])
+    tokens = json.loads(result.stdout)["total"]["tokens"]
+    assert tokens["codes_used"] is None and tokens["top_codes"] is None
+    assert tokens["samples_tokenized"] == collect_stats(tokenized)["total"]["tokens"]["samples_tokenized"] > 0
+
+
+def test_damaged_sidecar_is_a_clear_error(tokenized, tmp_path):
+    out = copy_build(tokenized, tmp_path / "out")
+    (out / "coco/00000_dvae.json").write_text('{"code_counts": [1, 2, 3], "codebook": ')
+    result = runner.invoke(app, ["stats", str(out)])
+    assert result.exit_code == 2 and "unreadable dVAE sidecar" in " ".join(result.output.split())
+
+
+def test_damaged_stats_file_is_a_clear_error_and_stray_sidecars_do_not_count(tokenized, tmp_path):
+    out = copy_build(tokenized, tmp_path / "out")
+    (out / "coco/00007_dvae.json").write_text((out / "coco/00000_dvae.json").read_text())  # no shard 00007
+    assert collect_stats(out)["total"]["tokens"]["tokenized_fraction"] == 1.0
+    (out / "coco/00001_stats.json").write_text("{")
+    result = runner.invoke(app, ["stats", str(out)])
+    assert result.exit_code == 2 and "unreadable shard stats" in " ".join(result.output.split())
+
+
+def test_code_counts_of_the_wrong_length_are_a_clear_error(tokenized, tmp_path):
+    out = copy_build(tokenized, tmp_path / "out")
+    sidecar = json.loads((out / "coco/00000_dvae.json").read_text())
+    sidecar["code_counts"] = sidecar["code_counts"][:100]
+    (out / "coco/00000_dvae.json").write_text(json.dumps(sidecar))
+    assert runner.invoke(app, ["stats", str(out)]).exit_code == 0  # the counts are not read without --codes
+    result = runner.invoke(app, ["stats", str(out), "--codes"])
+    assert result.exit_code == 2 and "100 code counts, expected 8192" in " ".join(result.output.split())
 
 
 def test_cli_table_shows_paper_figures_and_codebook(tokenized):
@@ -100,6 +133,7 @@ def test_cli_table_shows_paper_figures_and_codebook(tokenized):
     assert "paper pairs" in result.stdout and "0.9M" in result.stdout and "3.1M" in result.stdout
     assert "12.4" in result.stdout and "10.3" in result.stdout  # the paper's mean words for COCO and CC3M
     assert "RANDOM" in result.stdout and "100%" in result.stdout
+    assert "test tokens from a random generator" in result.stdout  # the manifest's note
 
 
 @pytest.mark.parametrize(
@@ -124,6 +158,19 @@ def test_plots_are_written_as_png(tokenized, tmp_path):
     for name in names:
         with Image.open(tmp_path / "plots" / name) as image:
             assert image.format == "PNG" and image.width >= 600
+
+
+def test_the_bench_baseline_reads_the_same_numbers_from_the_tars(tmp_path):
+    from benchmarks.bench_stats import make_build, numbers_from_tars
+
+    out = make_build(tmp_path / "out", shards=8)
+    total = collect_stats(out, sample_shards=0)["total"]
+    from_tars = numbers_from_tars(sorted(out.glob("*/0*.tar")))
+    assert from_tars["samples"] == total["samples_written"] == total["tokens"]["samples_tokenized"]
+    assert from_tars["pairs"] == total["pairs_written"]
+    assert from_tars["codes_used"] == total["tokens"]["codes_used"]
+    words = pl.concat([written_rows(out, name, 0)[0]["words"].list.explode() for name in source_names(out)])
+    assert from_tars["median_words"] == words.median()
 
 
 def test_evenly_spaced_keeps_first_and_last():

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from pmd_pipeline.cli import app
 from pmd_pipeline.inspect.verify import verify_build
-from tests.inspect_helpers import copy_build, npy_bytes, read_members, tokenize_build, write_tar
+from tests.inspect_helpers import copy_build, npy_bytes, read_members, tar_samples, tokenize_build, write_tar
 
 runner = CliRunner()
 
@@ -88,6 +88,11 @@ def test_bad_json_and_missing_caption_are_caught(damaged):
     assert any(".json: does not parse" in p for p in found)
 
 
+def test_caption_that_differs_from_its_json_is_caught(damaged):
+    replace_member(damaged / "coco/00000.tar", ".txt", b"some other caption")
+    assert any(".txt is not the first caption of .json" in p for p in problems(damaged))
+
+
 def test_counts_and_files_are_checked_against_the_manifest(damaged):
     manifest = json.loads((damaged / "manifest.json").read_text())
     manifest["sources"]["coco"]["shard_files"][0]["samples"] += 1
@@ -111,6 +116,24 @@ def test_stale_token_sidecar_is_caught(damaged):
 def test_tokens_without_a_sidecar_are_caught(damaged):
     (damaged / "coco/00000_dvae.json").unlink()
     assert any("carry tokens but there is no _dvae.json" in p for p in problems(damaged))
+
+
+def test_unimodal_sources_need_their_own_members(embedded_build):
+    from pmd_pipeline.inspect.verify import check_sample
+
+    sample = next(iter(tar_samples(embedded_build[0], "coco").values()))
+    image_only = {"jpg": sample["jpg"], "json": sample["json"]}
+    assert check_sample("imagenet", image_only) == []
+    assert check_sample("coco", image_only) == ["missing .txt"]
+    assert check_sample("text_corpus", {"txt": b"a passage of text"}) == []
+    assert check_sample("text_corpus", {"json": b"{}"}) == ["missing .txt"]
+    assert check_sample("text_corpus", {"txt": b"  "}) == [".txt: empty caption"]
+
+
+def test_source_option_narrows_the_check(damaged):
+    (damaged / "conceptual_captions/00002.tar").unlink()
+    assert runner.invoke(app, ["verify", str(damaged), "--source", "coco"]).exit_code == 0
+    assert runner.invoke(app, ["verify", str(damaged), "--source", "conceptual_captions"]).exit_code == 1
 
 
 def test_build_without_manifest_is_an_error(damaged):

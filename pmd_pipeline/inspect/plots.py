@@ -79,7 +79,8 @@ def reasons_chart(report: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(counts) + 1.5))
     if counts:
         labels, values = zip(*counts, strict=True)
-        colors = ["#c44e52" if lab.startswith("failed") else "#8172b2" for lab in labels]
+        palette = {"failed": "#c44e52", "dropped": "#8172b2", "malformed": "#8c8c8c"}
+        colors = [palette[lab.split(":")[0]] for lab in labels]
         ax.barh(labels, values, color=colors)
         for y, v in enumerate(values):
             ax.text(v, y, f" {v:,}", va="center", fontsize=8)

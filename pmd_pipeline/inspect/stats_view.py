@@ -13,11 +13,16 @@ from shards.stats import DEFAULT_SAMPLE_SHARDS, collect_stats
 
 
 def run_stats(
-    out: Path, source: str | None, as_json: bool, plots: Path | None, sample_shards: int = DEFAULT_SAMPLE_SHARDS
+    out: Path,
+    source: str | None,
+    as_json: bool,
+    plots: Path | None,
+    sample_shards: int = DEFAULT_SAMPLE_SHARDS,
+    codes: bool = False,
 ) -> dict:
     if sample_shards < 0:
         raise PmdError("--sample-shards must be 0 (read every shard) or a positive number")
-    report = collect_stats(out, source, sample_shards=sample_shards)
+    report = collect_stats(out, source, sample_shards=sample_shards, codes=codes or plots is not None)
     if as_json:
         print(json.dumps(public_report(report), indent=1))
     else:
@@ -25,6 +30,10 @@ def run_stats(
         console.print(counts_table(report))
         console.print(content_table(report))
         console.print(_sampling_note(report), style="dim", highlight=False)
+        if report["manifest_tokens"]:
+            tokens = report["manifest_tokens"]
+            random = " [red](random codebook)[/]" if tokens.get("random") else ""
+            console.print(f"tokens: {tokens.get('codebook')}{random}: {tokens.get('note', '')}", highlight=False)
     if plots is not None:
         from pmd_pipeline.inspect.plots import write_plots
 
@@ -57,7 +66,7 @@ def counts_table(report: dict) -> Table:
         table.add_column(column, justify="left" if column == "source" else "right")
     table.add_column("top failures")
     table.add_column("top drops")
-    table.add_column("GiB", justify="right")
+    table.add_column("on disk", justify="right")
     for name, s in _rows(report):
         paper = s["paper"]
         table.add_row(
@@ -71,7 +80,7 @@ def counts_table(report: dict) -> Table:
             f"{s['fetch_success_rate']:.1%}" if s["fetch_success_rate"] is not None else "-",
             _top(s["rows_failed"]),
             _top(s["rows_dropped"]),
-            f"{s['tar_bytes'] / 2**30:.2f}",
+            _bytes(s["tar_bytes"]),
             end_section=name == list(report["sources"])[-1],
         )
     return table
@@ -95,7 +104,7 @@ def content_table(report: dict) -> Table:
             f"{dist['image_bytes']['p50'] / 1024:.1f}" if dist.get("image_bytes") else "-",
             f"{tokens['tokenized_fraction']:.0%}" if tokens["tokenized_fraction"] is not None else "-",
             _codebook(tokens),
-            f"{tokens['codes_used']}/8192" if tokens["shards_tokenized"] else "-",
+            f"{tokens['codes_used']}/8192" if tokens["codes_used"] is not None else "-",
             end_section=name == list(report["sources"])[-1],
         )
     return table
@@ -110,6 +119,10 @@ def _sampling_note(report: dict) -> str:
         f"counts are exact sums of every finished shard; medians and percentiles come from {partial[0]} of "
         f"{partial[1]} shards' parquet files, evenly spaced (--sample-shards 0 reads all)"
     )
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _top(counts: dict, n: int = 3) -> str:

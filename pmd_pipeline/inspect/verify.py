@@ -128,6 +128,10 @@ def check_sample(source: str, members: dict[str, bytes]) -> list[str]:
         problem = checkers[ext](data)
         if problem:
             problems.append(f".{ext}: {problem}")
+    if not problems and {TEXT_EXT, JSON_EXT} <= members.keys():
+        captions = json.loads(members[JSON_EXT]).get("captions")
+        if captions and members[TEXT_EXT].decode("utf-8") != captions[0]:
+            problems.append(".txt is not the first caption of .json")
     return problems
 
 
