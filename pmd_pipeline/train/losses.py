@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch.distributed.nn.functional import all_gather
@@ -13,7 +15,9 @@ def global_contrastive(image: torch.Tensor, text: torch.Tensor, logit_scale: tor
     gradient of the full-batch loss (local batch sizes must be equal, which the loader guarantees)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if world > 1:
-        all_image, all_text = torch.cat(all_gather(image)), torch.cat(all_gather(text))
+        with warnings.catch_warnings():  # deprecated in name only; it is the public autograd all-gather
+            warnings.simplefilter("ignore", FutureWarning)
+            all_image, all_text = torch.cat(all_gather(image)), torch.cat(all_gather(text))
     else:
         all_image, all_text = image, text
     scale = logit_scale.exp()

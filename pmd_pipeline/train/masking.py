@@ -18,10 +18,23 @@ def block_mask(rng: np.random.Generator, grid: int = GRID, patches: int = MASKED
     count = 0
     while count < patches:
         added = _add_block(mask, rng, patches - count)
-        if added == 0:  # no rectangle fits the remaining budget: BEiT stops here too
+        if added == 0:  # no rectangle fits the small remaining budget: grow the blocks' edges instead
+            _grow_edges(mask, rng, patches - count)
             break
         count += added
     return mask
+
+
+def _grow_edges(mask: np.ndarray, rng: np.random.Generator, missing: int) -> None:
+    """Top up to exactly `patches` with unmasked neighbours of masked patches (BEiT would stop short)."""
+    for _ in range(missing):
+        near = np.zeros_like(mask)
+        near[1:] |= mask[:-1]
+        near[:-1] |= mask[1:]
+        near[:, 1:] |= mask[:, :-1]
+        near[:, :-1] |= mask[:, 1:]
+        candidates = np.flatnonzero(near & ~mask)
+        mask.flat[rng.choice(candidates)] = True
 
 
 def _add_block(mask: np.ndarray, rng: np.random.Generator, budget: int) -> int:
