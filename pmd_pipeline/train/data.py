@@ -43,8 +43,11 @@ class TaskStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        stream = self.rank * workers + worker
-        mine = len(range(worker, self.skip_batches, workers))  # own batches already consumed
+        # A fresh DataLoader starts its round-robin at worker 0, but batch `skip_batches` belongs to
+        # stream skip_batches % workers: rotate the roles so the resumed order equals the original one.
+        logical = (worker + self.skip_batches) % workers
+        stream = self.rank * workers + logical
+        mine = len(range(logical, self.skip_batches, workers))  # own batches already consumed
         batches = _with_neighbours(self._decoded_batches(stream, self.world * workers))
         for index, (previous, batch, following) in enumerate(batches):
             if index < mine:
