@@ -84,7 +84,7 @@ def _build(cls, raw: dict, where: str):
     values = {}
     for name, value in raw.items():
         sub = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig}.get(name)
-        values[name] = _build(sub, value, f"{where} [{name}]") if sub and cls is TrainConfig else value
+        values[name] = _build(sub, value, f"{where}, table {name}") if sub and cls is TrainConfig else value
     if "betas" in values:
         values["betas"] = tuple(values["betas"])
     cfg = cls(**values)

@@ -23,7 +23,7 @@ class Preflight:
 def preflight(data: DataConfig) -> Preflight:
     root = Path(data.shards)
     if not root.is_dir() or not any(root.glob("*/*.tar")):
-        raise PmdError(f"no shards in {root}: run `just build-pmd` first (or set [data] shards in the config)")
+        raise PmdError(f"no shards in {root}: run `just build-pmd` first (or set data.shards in the config)")
     report = Preflight(tars={}, samples={}, mix=dict(data.mix), codebook="")
     codebooks: dict[str, str] = {}
     for task, folders in _task_folders(root, data).items():
@@ -66,7 +66,7 @@ def _finished_shards(folder: Path, task: str, data: DataConfig, report: Prefligh
                 if not data.skip_untokenized:
                     raise PmdError(
                         f"{tar} has no dVAE tokens ({sidecar.name} missing): run the tokenize stage of "
-                        "`just build-pmd` first, or set [data] skip_untokenized = true to leave such shards out"
+                        "`just build-pmd` first, or set data.skip_untokenized = true to leave such shards out"
                     )
                 report.skipped["no_tokens"] = report.skipped.get("no_tokens", 0) + 1
                 continue
