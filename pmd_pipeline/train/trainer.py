@@ -105,14 +105,7 @@ def _loop(cfg, tasks, model, optimizer, scheduler, loaders, start, rank, world, 
         batch = _next_batch_everywhere(loaders, task, world)
         data_wait = time.perf_counter() - t0
         failures.update(batch.pop("failures"))
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with _autocast(cfg, device):
-            losses = tasks(task, batch)
-        loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        losses, loss = train_step(tasks, optimizer, scheduler, task, batch, cfg, device)
         mix[task] += 1
         seconds = time.perf_counter() - t0
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.optim.steps:
@@ -125,6 +118,19 @@ def _loop(cfg, tasks, model, optimizer, scheduler, loaders, start, rank, world, 
                 say(_pretty(row))
     if log:
         log.close()
+
+
+def train_step(tasks, optimizer, scheduler, task: str, batch: dict, cfg: TrainConfig, device):
+    """One update on one task's batch; returns the per-task losses and their sum."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with _autocast(cfg, device):
+        losses = tasks(task, batch)
+    loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return losses, loss
 
 
 def _log_row(step, task, losses, loss, scheduler, cfg, world, data_wait, seconds, mix, failures) -> dict:
