@@ -20,9 +20,9 @@ def shards(tmp_path_factory):
     return make_pmd(tmp_path_factory.mktemp("pmd") / "out", per_shard=24, shards=2)
 
 
-def _config(shards, run_dir, **optim):
+def _config(shards, run_dir, batch_size=8, **optim):
     cfg = load_train_config(None, run_dir=str(run_dir), vocab_size=200, log_every=100)
-    cfg.data.shards, cfg.data.workers, cfg.data.batch_size = str(shards), 0, 8
+    cfg.data.shards, cfg.data.workers, cfg.data.batch_size = str(shards), 0, batch_size
     for key, value in {"steps": 8, "warmup_steps": 2, **optim}.items():
         setattr(cfg.optim, key, value)
     return cfg
@@ -48,6 +48,7 @@ def test_bad_config_is_one_line_error(tmp_path):
     assert result.exit_code == 2 and "unknown key(s) ['batch']" in result.output
 
 
+@pytest.mark.slow  # ~1-4 minutes on a shared 2-core box
 def test_losses_start_at_chance_and_fall(shards, tmp_path):
     cfg = _config(shards, tmp_path / "run", steps=24, lr=2e-3)
     cfg.data.mix = {"pairs": 0.5, "image": 0.25, "text": 0.25}
@@ -68,20 +69,21 @@ def test_losses_start_at_chance_and_fall(shards, tmp_path):
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards, tmp_path):
-    whole = _config(shards, tmp_path / "whole", steps=8, lr=2e-3)
-    whole.checkpoint_every = 4
+    whole = _config(shards, tmp_path / "whole", batch_size=4, steps=6, lr=2e-3)
+    whole.checkpoint_every = 3
     whole.data.workers = 2
     expected = _log(train(whole, say=lambda _: None))
 
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "whole", cut)  # same tokenizer; keep only the step-4 checkpoint
-    (cut / "checkpoints" / "step_00000008.pt").unlink()
-    (cut / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in expected[:4]))
-    resumed_cfg = _config(shards, cut, steps=8, lr=2e-3)
-    resumed_cfg.checkpoint_every, resumed_cfg.data.workers = 4, 2
+    (cut / "checkpoints" / "step_00000006.pt").unlink()
+    (cut / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in expected[:3]))
+    resumed_cfg = _config(shards, cut, batch_size=4, steps=6, lr=2e-3)
+    resumed_cfg.checkpoint_every, resumed_cfg.data.workers = 3, 2
     resumed = _log(train(resumed_cfg, resume=True, say=lambda _: None))
-    assert [r["step"] for r in resumed] == list(range(1, 9))
-    for a, b in zip(expected[4:], resumed[4:], strict=True):
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    assert {r["task"] for r in expected[3:]} >= {"pairs"}  # the resumed part includes a paired step
+    for a, b in zip(expected[3:], resumed[3:], strict=True):
         assert a["task"] == b["task"]
         assert a["losses"] == pytest.approx(b["losses"], rel=1e-5, abs=1e-6)
 

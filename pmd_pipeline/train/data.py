@@ -21,10 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.train.masking import block_mask, mlm_mask
 
-# FLAVA's image processor normalisation (the CLIP statistics); no crop or flip: the dVAE tokens
-# describe exactly the stored 224x224 pixels.
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+# No crop or flip: the dVAE tokens describe exactly the stored 224x224 pixels.
 IMAGE_SIZE = 224
 TASK_IDS = {"pairs": 0, "image": 1, "text": 2}
 ITM_NEGATIVE_RATE = 0.5
@@ -159,8 +156,8 @@ def decode_sample(raw: dict, task: str) -> tuple[dict | None, str | None]:
             return None, "wrong_image_size"
         if tokens.shape != (14, 14) or tokens.max() >= 8192:
             return None, "bad_tokens"
-        pixels = (np.asarray(image, dtype=np.float32) / 255.0 - MEAN) / STD
-        sample["pixels"], sample["tokens"] = pixels.transpose(2, 0, 1).copy(), tokens
+        # uint8 across the worker queue (4x less than float32); the model side normalises on its device.
+        sample["pixels"], sample["tokens"] = np.asarray(image).transpose(2, 0, 1), tokens
     return sample, None
 
 

@@ -13,6 +13,16 @@ from pmd_pipeline.train.config import ModelConfig
 from pmd_pipeline.train.losses import global_contrastive
 
 IGNORE = -100
+# FLAVA's image processor normalisation (the CLIP statistics), applied on the training device.
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalise_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] from the loader -> the float input FLAVA expects."""
+    mean = torch.tensor(MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
 
 
 def build_model(cfg: ModelConfig, text_vocab: int, max_text_len: int):
@@ -56,6 +66,8 @@ class FlavaTasks(nn.Module):
         self.model = model
 
     def forward(self, task: str, batch: dict) -> dict[str, torch.Tensor]:
+        if "pixel_values" in batch and batch["pixel_values"].dtype == torch.uint8:
+            batch = {**batch, "pixel_values": normalise_pixels(batch["pixel_values"])}
         return {"pairs": self.pairs, "image": self.image, "text": self.text}[task](batch)
 
     def pairs(self, b: dict) -> dict[str, torch.Tensor]:
