@@ -14,6 +14,7 @@ BENCHES = {
     "embedded": "benchmarks.bench_embedded",
     "yfcc": "benchmarks.bench_yfcc",
     "stats": "benchmarks.bench_stats",
+    "train": "benchmarks.bench_train",
 }
 RESULTS = Path(__file__).parent / "results"
 

@@ -189,10 +189,15 @@ def verify(
 
 
 @app.command()
-def pretrain() -> None:
-    """FLAVA joint pretraining on built shards (arrives with issue 4/6 of the roadmap)."""
-    console.print("pmd pretrain: not yet available; the trainer lands with the 'bundled FLAVA trainer' issue.")
-    raise typer.Exit(2)
+def pretrain(
+    config: Path = typer.Argument(None, help="TOML pretrain config; none = the embedded tiny run on ./pmd_out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
+) -> None:
+    """FLAVA joint pretraining on built shards (multi-GPU: torchrun ... -m pmd_pipeline.train CONFIG)."""
+    from pmd_pipeline.train.__main__ import run_pretrain
+
+    with _errors_as_messages():
+        run_pretrain(config, resume, say=lambda line: console.print(line, markup=False, highlight=False))
 
 
 @contextlib.contextmanager

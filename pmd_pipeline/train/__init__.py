@@ -1,0 +1,1 @@
+"""FLAVA joint pretraining on built PMD shards: config -> preflight -> data -> model -> loop."""

@@ -1,0 +1,111 @@
+"""FlavaForPreTraining (tiny config or local checkpoint) and one forward per task, with no wasted passes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pmd_pipeline.errors import PmdError
+from pmd_pipeline.train.config import ModelConfig
+from pmd_pipeline.train.losses import global_contrastive
+
+IGNORE = -100
+# FLAVA's image processor normalisation (the CLIP statistics), applied on the training device.
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalise_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] from the loader -> the float input FLAVA expects."""
+    mean = torch.tensor(MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
+
+
+def build_model(cfg: ModelConfig, text_vocab: int, max_text_len: int):
+    from transformers import FlavaConfig, FlavaForPreTraining
+
+    if cfg.pretrained:
+        if not Path(cfg.pretrained, "config.json").exists():
+            raise PmdError(f"{cfg.pretrained} is not a facebook/flava-full-layout folder (no config.json)")
+        model = FlavaForPreTraining.from_pretrained(cfg.pretrained, local_files_only=True)
+        if model.config.text_config.vocab_size < text_vocab:
+            raise PmdError(f"checkpoint text vocab {model.config.text_config.vocab_size} < tokenizer's {text_vocab}")
+    else:
+        model = FlavaForPreTraining(FlavaConfig(**tiny_config(cfg, text_vocab, max_text_len)))
+    # The paired step computes the global contrastive loss itself (losses.py), so the stock head is off.
+    model.global_contrastive_weight = 0.0
+    return model
+
+
+def tiny_config(cfg: ModelConfig, text_vocab: int, max_text_len: int) -> dict:
+    encoder = {
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "intermediate_size": cfg.intermediate_size,
+    }
+    return {
+        "image_config": {**encoder, "image_size": 224, "patch_size": 16, "vocab_size": 8192},
+        "text_config": {**encoder, "vocab_size": text_vocab, "max_position_embeddings": max(max_text_len, 64)},
+        "multimodal_config": {**encoder, "num_hidden_layers": cfg.multimodal_layers},
+        "hidden_size": cfg.hidden_size,
+        "projection_dim": cfg.projection_dim,
+        "init_codebook": False,  # tokens come precomputed in the shards; the codebook never runs here
+    }
+
+
+class FlavaTasks(nn.Module):
+    """One module whose forward runs any task, so DDP/FSDP see every step through their wrapper."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, task: str, batch: dict) -> dict[str, torch.Tensor]:
+        if "pixel_values" in batch and batch["pixel_values"].dtype == torch.uint8:
+            batch = {**batch, "pixel_values": normalise_pixels(batch["pixel_values"])}
+        return {"pairs": self.pairs, "image": self.image, "text": self.text}[task](batch)
+
+    def pairs(self, b: dict) -> dict[str, torch.Tensor]:
+        out = self.model(
+            input_ids=b["input_ids"],
+            input_ids_masked=b["input_ids_masked"],
+            attention_mask=b["attention_mask"],
+            pixel_values=b["pixel_values"],
+            bool_masked_pos=b["bool_masked_pos"],
+            mim_labels=b["mim_labels"].clone(),  # the stock model writes into it
+            mlm_labels=b["mlm_labels"],
+            itm_labels=b["itm_labels"],
+            return_loss=True,
+        )
+        flava = self.model.flava
+        image = F.normalize(flava.image_projection(out.image_embeddings[:, 0]), dim=-1)
+        text = F.normalize(flava.text_projection(out.text_embeddings[:, 0]), dim=-1)
+        with torch.no_grad():
+            flava.logit_scale.clamp_(0, 4.6052)
+        contrastive = global_contrastive(image, text, flava.logit_scale, positive=b["itm_labels"].bool())
+        losses = out.loss_info
+        return {
+            "contrastive": contrastive,
+            "mmm_image": losses.mmm_image,
+            "mmm_text": losses.mmm_text,
+            "itm": losses.itm,
+        }
+
+    def image(self, b: dict) -> dict[str, torch.Tensor]:
+        # Only the masked image pass: the stock forward would also run an unmasked pass nothing uses here.
+        hidden = self.model.flava.image_model(pixel_values=b["pixel_values"], bool_masked_pos=b["bool_masked_pos"])
+        patches = hidden.last_hidden_state[:, 1:]
+        mask = b["bool_masked_pos"].bool()
+        logits = self.model.mim_head(patches[mask])
+        return {"mim": F.cross_entropy(logits.float(), b["mim_labels"][mask])}
+
+    def text(self, b: dict) -> dict[str, torch.Tensor]:
+        hidden = self.model.flava.text_model(input_ids=b["input_ids_masked"], attention_mask=b["attention_mask"])
+        targets = b["mlm_labels"] != IGNORE
+        logits = self.model.mlm_head(hidden.last_hidden_state[targets])
+        return {"mlm": F.cross_entropy(logits.float(), b["mlm_labels"][targets])}

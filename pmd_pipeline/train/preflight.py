@@ -1,0 +1,87 @@
+"""Check the shards before training: tokens present, one codebook, no empty task; say what to do if not."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pmd_pipeline.errors import PmdError
+from pmd_pipeline.train.config import DataConfig
+
+
+@dataclass
+class Preflight:
+    tars: dict[str, list[str]]  # task -> tar paths
+    samples: dict[str, int]  # task -> samples in those tars
+    mix: dict[str, float]  # the configured mix, tasks without data set to 0
+    codebook: str
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> shards left out
+    notes: list[str] = field(default_factory=list)
+
+
+def preflight(data: DataConfig) -> Preflight:
+    root = Path(data.shards)
+    if not root.is_dir() or not any(root.glob("*/*.tar")):
+        raise PmdError(f"no shards in {root}: run `just build-pmd` first (or set data.shards in the config)")
+    report = Preflight(tars={}, samples={}, mix=dict(data.mix), codebook="")
+    codebooks: dict[str, str] = {}
+    for task, folders in _task_folders(root, data).items():
+        tars, samples = [], 0
+        for folder in folders:
+            for tar, count in _finished_shards(folder, task, data, report, codebooks):
+                tars.append(str(tar))
+                samples += count
+        report.tars[task], report.samples[task] = tars, samples
+        if samples == 0 and report.mix.get(task, 0) > 0:
+            report.notes.append(f"task '{task}' has no samples in {root}: its weight {report.mix[task]} is set to 0")
+            report.mix[task] = 0.0
+    if sum(report.mix.values()) <= 0:
+        raise PmdError(f"no usable samples in {root} for any task: " + "; ".join(report.notes))
+    report.codebook = _one_codebook(codebooks, data.codebook)
+    return report
+
+
+def _task_folders(root: Path, data: DataConfig) -> dict[str, list[Path]]:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    unimodal = set(data.image_only) | set(data.text_only)
+    pairs = [p for p in folders if (p.name in data.pairs if data.pairs else p.name not in unimodal)]
+    return {
+        "pairs": pairs,
+        "image": [p for p in folders if p.name in data.image_only],
+        "text": [p for p in folders if p.name in data.text_only],
+    }
+
+
+def _finished_shards(folder: Path, task: str, data: DataConfig, report: Preflight, codebooks: dict):
+    for tar in sorted(folder.glob("[0-9]*.tar")):
+        stats_path = tar.with_name(f"{tar.stem}_stats.json")
+        if not stats_path.exists():  # still being written (or crashed): the build's resume will finish it
+            report.skipped["unfinished"] = report.skipped.get("unfinished", 0) + 1
+            continue
+        count = json.loads(stats_path.read_text()).get("samples_written", 0)
+        if task != "text":
+            sidecar = tar.with_name(f"{tar.stem}_dvae.json")
+            if not sidecar.exists():
+                if not data.skip_untokenized:
+                    raise PmdError(
+                        f"{tar} has no dVAE tokens ({sidecar.name} missing): run the tokenize stage of "
+                        "`just build-pmd` first, or set data.skip_untokenized = true to leave such shards out"
+                    )
+                report.skipped["no_tokens"] = report.skipped.get("no_tokens", 0) + 1
+                continue
+            meta = json.loads(sidecar.read_text())
+            codebooks[str(tar)] = meta["codebook"]
+            count = meta.get("samples_tokenized", count)
+        if count:
+            yield tar, count
+
+
+def _one_codebook(codebooks: dict[str, str], wanted: str) -> str:
+    found = sorted(set(codebooks.values()))
+    if len(found) > 1:
+        example = {cb: next(t for t, c in codebooks.items() if c == cb) for cb in found}
+        raise PmdError(f"shards carry tokens from {len(found)} different codebooks, e.g. {example}: retokenize them")
+    if found and wanted != "auto" and found[0] != wanted:
+        raise PmdError(f"shards' tokens are from codebook {found[0]!r} but the run expects {wanted!r}")
+    return found[0] if found else wanted

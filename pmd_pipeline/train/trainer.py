@@ -1,0 +1,221 @@
+"""The training loop: one task per step (same on every rank), AdamW + warmup/cosine, JSONL log, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pmd_pipeline.errors import PmdError
+from pmd_pipeline.train.checkpoint import last_checkpoint, load_checkpoint, save_checkpoint
+from pmd_pipeline.train.config import TrainConfig, as_dict
+from pmd_pipeline.train.data import TaskStream, make_loader
+from pmd_pipeline.train.model import FlavaTasks, build_model
+from pmd_pipeline.train.preflight import preflight
+from pmd_pipeline.train.sampling import TASKS, task_for_step
+from pmd_pipeline.train.tokenizer import prepare_tokenizer
+
+
+def train(cfg: TrainConfig, resume: bool = False, say=print) -> Path:
+    """Run (or continue) a pretraining run; returns the run folder, which holds log.jsonl and checkpoints."""
+    rank, world, device = _init_distributed()
+    run_dir = Path(cfg.run_dir)
+    report = preflight(cfg.data)
+    for note in report.notes:
+        say(f"note: {note}")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(as_dict(cfg), indent=1) + "\n")
+        tok_dir = prepare_tokenizer(cfg.tokenizer, run_dir, report.tars["pairs"] + report.tars["text"], cfg.vocab_size)
+    _barrier(world)
+    tok_dir = prepare_tokenizer(cfg.tokenizer, run_dir, [], cfg.vocab_size) if rank else tok_dir
+    _seed_everything(cfg.seed + rank)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True))
+    model = build_model(cfg.model, vocab, cfg.data.max_text_len).to(device)
+    optimizer, scheduler = make_optimizer(model, cfg)
+    start, consumed = 0, Counter()
+    if resume:
+        path = last_checkpoint(run_dir)
+        if path is None:
+            raise PmdError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+        state = load_checkpoint(path, model, optimizer, scheduler)
+        start, consumed = state["step"], Counter(state["consumed_batches"])
+        say(f"resuming {run_dir} at step {start}")
+    tasks = _wrap(FlavaTasks(model), cfg, device, world)
+    loaders = _Loaders(cfg, report, str(tok_dir), rank, world, consumed)
+    _loop(cfg, tasks, model, optimizer, scheduler, loaders, start, rank, world, device, report, run_dir, say)
+    return run_dir
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    o = cfg.optim
+    # No weight decay on biases, LayerNorms and the temperature, as in the paper's recipe.
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, o.warmup_steps, o.steps))
+    return optimizer, scheduler
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class _Loaders:
+    """One lazily started loader per task; each remembers how many batches it handed out."""
+
+    def __init__(self, cfg, report, tok_dir, rank, world, consumed: Counter):
+        self.cfg, self.report, self.tok_dir, self.rank, self.world = cfg, report, tok_dir, rank, world
+        self.consumed, self.iters = consumed, {}
+
+    def next(self, task: str) -> dict:
+        if task not in self.iters:
+            d = self.cfg.data
+            stream = TaskStream(
+                task, self.report.tars[task], self.tok_dir, d.batch_size, d.max_text_len,
+                self.cfg.seed, self.rank, self.world, skip_batches=self.consumed[task],
+            )  # fmt: skip
+            self.iters[task] = make_loader(stream, d.workers)
+        batch = next(self.iters[task])
+        self.consumed[task] += 1
+        return batch
+
+
+def _loop(cfg, tasks, model, optimizer, scheduler, loaders, start, rank, world, device, report, run_dir, say):
+    log = open(run_dir / "log.jsonl", "a") if rank == 0 else None
+    mix, failures = Counter(), Counter()
+    for step in range(start, cfg.optim.steps):
+        task = task_for_step(step, cfg.seed, report.mix)
+        t0 = time.perf_counter()
+        batch = _next_batch_everywhere(loaders, task, world)
+        data_wait = time.perf_counter() - t0
+        failures.update(batch.pop("failures"))
+        losses, loss = train_step(tasks, optimizer, scheduler, task, batch, cfg, device)
+        mix[task] += 1
+        seconds = time.perf_counter() - t0
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.optim.steps:
+            _checkpoint(run_dir, step + 1, model, optimizer, scheduler, loaders.consumed, rank, world)
+        if rank == 0:
+            row = _log_row(step, task, losses, loss, scheduler, cfg, world, data_wait, seconds, mix, failures)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            if step % cfg.log_every == 0 or step + 1 == cfg.optim.steps:
+                say(_pretty(row))
+    if log:
+        log.close()
+
+
+def train_step(tasks, optimizer, scheduler, task: str, batch: dict, cfg: TrainConfig, device):
+    """One update on one task's batch; returns the per-task losses and their sum."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with _autocast(cfg, device):
+        losses = tasks(task, batch)
+    loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return losses, loss
+
+
+def _log_row(step, task, losses, loss, scheduler, cfg, world, data_wait, seconds, mix, failures) -> dict:
+    done = sum(mix.values())
+    return {
+        "step": step + 1,
+        "task": task,
+        "loss": round(loss.item(), 5),
+        "losses": {name: round(value.item(), 5) for name, value in losses.items()},
+        "lr": scheduler.get_last_lr()[0],
+        "samples_per_s": round(cfg.data.batch_size * world / seconds, 2),
+        "data_wait_s": round(data_wait, 4),
+        "step_s": round(seconds, 4),
+        "task_mix": {t: round(mix[t] / done, 3) for t in TASKS},
+        "skipped_samples": dict(failures),
+    }
+
+
+def _pretty(row: dict) -> str:
+    losses = " ".join(f"{k}={v:.3f}" for k, v in row["losses"].items())
+    return f"step {row['step']:>5} {row['task']:<5} {losses}  lr={row['lr']:.2e} {row['samples_per_s']} samples/s"
+
+
+def _next_batch_everywhere(loaders, task: str, world: int) -> dict:
+    """Every rank learns whether every other rank got its batch, so one failing rank stops all, never hangs."""
+    error = None
+    try:
+        batch = loaders.next(task)
+    except (StopIteration, PmdError, RuntimeError) as err:
+        batch, error = None, err
+    if world > 1:
+        ok = torch.tensor([0 if error else 1], dtype=torch.int32)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item() == 0 and error is None:
+            raise PmdError(f"another rank could not read a '{task}' batch; stopping this rank too")
+    if error is not None:
+        raise PmdError(f"could not read a '{task}' batch: {error}") from None
+    return batch
+
+
+def _checkpoint(run_dir, step, model, optimizer, scheduler, consumed, rank, world):
+    if rank == 0:
+        save_checkpoint(run_dir, step, model, optimizer, scheduler, consumed)
+    _barrier(world)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)  # LayerNorm and softmax stay fp32 under autocast
+    return contextlib.nullcontext()
+
+
+def _wrap(tasks, cfg: TrainConfig, device, world: int):
+    if world == 1:
+        return tasks
+    if cfg.fsdp:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(tasks, use_orig_params=True)
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Each step uses one task's parameters only, so DDP must tolerate unused ones.
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(tasks, device_ids=ids, find_unused_parameters=True)
+
+
+def _init_distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():  # started by torchrun
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
