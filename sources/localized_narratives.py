@@ -20,7 +20,7 @@ from pmd_pipeline.config import SourceConfig
 from pmd_pipeline.errors import PmdError
 from sources.base import RejectLog, Source, SourceInfo, candidates_frame, make_key, meta_json, require_files
 from sources.karpathy import contamination_ids
-from sources.rawio import open_binary
+from sources.rawio import numbered_lines
 from sources.tsv import MAX_LINE_BYTES
 
 REQUIRED = ("dataset_id", "image_id", "annotator_id", "caption")
@@ -84,15 +84,14 @@ def make_reader(subset: str, image_of: Callable, contamination: bool, batch_rows
 
 
 def _narratives(path: Path, rejects: RejectLog) -> Iterator[tuple[int, dict]]:
-    with open_binary(path) as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            record, reason = _parse(raw)
-            if reason:
-                rejects.add(path, line_no, reason, raw[:2000])
-            else:
-                yield line_no, record
+    for line_no, raw in numbered_lines(path, rejects):
+        if not raw.strip():
+            continue
+        record, reason = _parse(raw)
+        if reason:
+            rejects.add(path, line_no, reason, raw[:2000])
+        else:
+            yield line_no, record
 
 
 def _parse(raw: bytes) -> tuple[dict | None, str | None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,19 @@ from pmd_pipeline.errors import PmdError
 from sources.base import RejectLog
 
 CHUNK_CHARS = 1 << 20
+# What a damaged gzip stream raises part-way through: the records before it are kept, the rest is one reject.
+CORRUPT_STREAM = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def numbered_lines(path: Path, rejects: RejectLog) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line) of a possibly gzipped file; a corrupt stream ends it with a reject."""
+    line_no = 0
+    try:
+        with open_binary(path) as f:
+            for line_no, raw in enumerate(f, start=1):
+                yield line_no, raw
+    except CORRUPT_STREAM as err:
+        rejects.add(path, line_no + 1, "corrupt_compressed_stream", f"{type(err).__name__}: {err}")
 
 
 def open_binary(path: Path) -> io.BufferedIOBase:
@@ -39,13 +53,31 @@ def iter_json_array(path: Path, source: str, rejects: RejectLog) -> Iterator[tup
     decoder = json.JSONDecoder()
     with open_binary(path) as raw:
         reader = _Buffered(io.TextIOWrapper(raw, encoding="utf-8", errors="strict"))
-        if reader.next_char() != "[":
+        try:
+            first = reader.next_char()
+        except (UnicodeDecodeError, *CORRUPT_STREAM) as err:
+            raise PmdError(f"source {source}: {path} cannot be read as UTF-8 JSON ({type(err).__name__})") from None
+        if first != "[":
             raise PmdError(f"source {source}: {path} does not start with a JSON array")
         reader.position += 1
         index = 0
         while True:
-            char = reader.next_char()
+            try:
+                char = reader.next_char()
+            except (UnicodeDecodeError, *CORRUPT_STREAM) as err:
+                rejects.add(
+                    path,
+                    index + 1,
+                    "invalid_utf8" if isinstance(err, UnicodeDecodeError) else "corrupt_compressed_stream",
+                    str(err)[:200],
+                )
+                return
             if char == "]":
+                reader.position += 1
+                if reader.next_char():
+                    rejects.add(
+                        path, index + 1, "trailing_data", reader.buffer[reader.position : reader.position + 200]
+                    )
                 return
             if char == "," and index:
                 reader.position += 1
@@ -53,7 +85,12 @@ def iter_json_array(path: Path, source: str, rejects: RejectLog) -> Iterator[tup
             if char == "":
                 rejects.add(path, index + 1, "truncated_json", reader.buffer[-200:])
                 return
-            element = reader.decode(decoder)
+            try:
+                element = reader.decode(decoder)
+            except (UnicodeDecodeError, *CORRUPT_STREAM) as err:
+                reason = "invalid_utf8" if isinstance(err, UnicodeDecodeError) else "corrupt_compressed_stream"
+                rejects.add(path, index + 1, reason, str(err)[:200])
+                return
             index += 1
             if element is _TRUNCATED:
                 rejects.add(path, index, "truncated_json", reader.buffer[reader.position : reader.position + 200])

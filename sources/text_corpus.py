@@ -15,7 +15,7 @@ import polars as pl
 
 from pmd_pipeline.config import SourceConfig
 from sources.base import RejectLog, Source, SourceInfo, candidates_frame, make_key, meta_json, require_files
-from sources.rawio import open_binary
+from sources.rawio import numbered_lines
 from sources.tsv import MAX_LINE_BYTES
 
 INFO = SourceInfo(
@@ -52,15 +52,17 @@ def passages(text: str, max_words: int) -> list[str]:
 
 
 def _lines(path: Path, rejects: RejectLog) -> Iterator[tuple[int, str]]:
-    with open_binary(path) as f:
-        for line_no, raw in enumerate(f, start=1):
-            if len(raw) > MAX_LINE_BYTES * 16:
-                rejects.add(path, line_no, "line_too_long", raw[:2000])
-                continue
-            try:
-                yield line_no, raw.decode("utf-8")
-            except UnicodeDecodeError:
-                rejects.add(path, line_no, "invalid_utf8", raw[:2000])
+    for line_no, raw in numbered_lines(path, rejects):
+        if len(raw) > MAX_LINE_BYTES * 16:
+            rejects.add(path, line_no, "line_too_long", raw[:2000])
+            continue
+        if b"\x00" in raw:
+            rejects.add(path, line_no, "nul_byte", raw[:2000])
+            continue
+        try:
+            yield line_no, raw.decode("utf-8")
+        except UnicodeDecodeError:
+            rejects.add(path, line_no, "invalid_utf8", raw[:2000])
 
 
 def _paragraphs(path: Path, rejects: RejectLog) -> Iterator[tuple[int, str]]:

@@ -8,19 +8,19 @@ from pathlib import Path
 import polars as pl
 
 from sources.base import RejectLog, candidates_frame
+from sources.rawio import numbered_lines
 
 MAX_LINE_BYTES = 1 << 20  # a metadata line longer than 1 MiB is corrupt, not a caption
 
 
 def read_tsv_lines(path: Path, expected_fields: int, rejects: RejectLog) -> Iterator[tuple[int, list[str]]]:
     """Yield (1-based line number, fields) for every well-formed line; reject the rest with a reason."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            fields = _parse_line(raw, expected_fields)
-            if isinstance(fields, str):
-                rejects.add(path, line_no, fields, raw[:2000])
-            elif fields is not None:
-                yield line_no, fields
+    for line_no, raw in numbered_lines(path, rejects):
+        fields = _parse_line(raw, expected_fields)
+        if isinstance(fields, str):
+            rejects.add(path, line_no, fields, raw[:2000])
+        elif fields is not None:
+            yield line_no, fields
 
 
 def _parse_line(raw: bytes, expected_fields: int) -> list[str] | str | None:

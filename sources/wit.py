@@ -23,7 +23,7 @@ from pmd_pipeline.config import SourceConfig
 from pmd_pipeline.errors import PmdError
 from sources.base import RejectLog, Source, SourceInfo, candidates_frame, meta_json, require_files
 from sources.conceptual_captions import url_key
-from sources.rawio import open_binary
+from sources.rawio import CORRUPT_STREAM, open_binary
 
 INFO = SourceInfo(
     name="wit",
@@ -73,7 +73,10 @@ def _records(path: Path, source: str, rejects: RejectLog) -> Iterator[tuple[int,
     with open_binary(path) as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
         reader = csv.reader(text, delimiter="\t", quotechar='"')
-        header = _header(next(reader, None), path, source)
+        try:
+            header = _header(next(reader, None), path, source)
+        except CORRUPT_STREAM as err:
+            raise PmdError(f"source {source}: {path} is not a readable gzip/TSV file ({type(err).__name__})") from None
         while True:
             line_no = reader.line_num + 1
             try:
@@ -83,6 +86,9 @@ def _records(path: Path, source: str, rejects: RejectLog) -> Iterator[tuple[int,
             except csv.Error as err:
                 rejects.add(path, line_no, "csv_error", str(err))
                 continue
+            except CORRUPT_STREAM as err:  # the rest of a damaged .gz cannot be read
+                rejects.add(path, line_no, "corrupt_compressed_stream", f"{type(err).__name__}: {err}")
+                return
             if fields == [] or fields == [""]:
                 continue
             if len(fields) != len(header):

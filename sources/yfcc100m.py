@@ -16,7 +16,7 @@ import polars as pl
 
 from pmd_pipeline.config import FilterConfig, SourceConfig
 from sources.base import CANDIDATE_SCHEMA, RejectLog, Source, SourceInfo, require_files
-from sources.rawio import open_binary
+from sources.rawio import CORRUPT_STREAM, open_binary
 from sources.tsv import MAX_LINE_BYTES
 
 INFO = SourceInfo(
@@ -51,19 +51,22 @@ CHUNK_BYTES = 32 << 20
 
 def read(cfg: SourceConfig, rejects: RejectLog) -> Iterator[pl.DataFrame]:
     for path in require_files(cfg):
-        for first_line, lines in _line_chunks(path):
+        for first_line, lines in _line_chunks(path, rejects):
             good, numbers = _well_formed(path, first_line, lines, rejects)
             if good:
                 yield candidates(pl.Series("line", good, dtype=pl.Utf8), pl.Series("file_line", numbers))
 
 
-def _line_chunks(path: Path) -> Iterator[tuple[int, list[bytes]]]:
+def _line_chunks(path: Path, rejects: RejectLog) -> Iterator[tuple[int, list[bytes]]]:
     """(number of the chunk's first line, its raw lines), about CHUNK_BYTES at a time."""
     line_no = 1
-    with open_binary(path) as f:
-        while lines := f.readlines(CHUNK_BYTES):
-            yield line_no, lines
-            line_no += len(lines)
+    try:
+        with open_binary(path) as f:
+            while lines := f.readlines(CHUNK_BYTES):
+                yield line_no, lines
+                line_no += len(lines)
+    except CORRUPT_STREAM as err:
+        rejects.add(path, line_no, "corrupt_compressed_stream", f"{type(err).__name__}: {err}")
 
 
 def _well_formed(path: Path, first_line: int, lines: list[bytes], rejects: RejectLog) -> tuple[list[str], list[int]]:

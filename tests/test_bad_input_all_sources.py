@@ -1,0 +1,102 @@
+"""Every source parser meets broken copies of its own raw files (the embedded bundle's, which are in each
+source's real format): truncated, invalid UTF-8, NUL bytes, a very long line, an empty file.
+
+The contract: the reader never crashes with anything but a one-line PmdError naming the source (a source
+whose whole input is unreadable fails alone), and nothing is lost silently: whatever it cannot read is
+in the reject log with its file and line, and every record before the damage is still read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from pmd_pipeline.embedded import default_config, materialize
+from pmd_pipeline.errors import PmdError
+from sources import get_source
+from sources.base import RejectLog
+
+
+def damage_truncate(data: bytes) -> bytes:
+    return data[: int(len(data) * 0.6)]
+
+
+def damage_invalid_utf8(data: bytes) -> bytes:
+    middle = data.find(b"\n", len(data) // 2)
+    middle = len(data) // 2 if middle < 0 else middle
+    return data[:middle] + b"\xff\xfe caf\xe9 " + data[middle:]
+
+
+def damage_nul(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + b"\x00" + data[middle:]
+
+
+def damage_long_line(data: bytes) -> bytes:
+    return data + b"\n" + b"x" * 20_000_000 + b"\n"  # over every reader's line limit (1 MB, 16 MB)
+
+
+def damage_empty(data: bytes) -> bytes:
+    return b""
+
+
+DAMAGE = {
+    f.__name__.removeprefix("damage_"): f
+    for f in (damage_truncate, damage_invalid_utf8, damage_nul, damage_long_line, damage_empty)
+}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "out"
+    materialize(str(out))
+    return default_config(str(out))
+
+
+def source_names() -> list[str]:
+    return [s.name for s in default_config("/x").sources if s.metadata]
+
+
+def read_all(source_cfg) -> tuple[int, RejectLog]:
+    rejects = RejectLog()
+    rows = sum(batch.height for batch in get_source(source_cfg.name).read(source_cfg, rejects))
+    return rows, rejects
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+@pytest.mark.parametrize("name", source_names())
+def test_a_damaged_raw_file_is_counted_kept_aside_or_fails_the_source_clearly(bundle, tmp_path, name, damage):
+    source_cfg = next(s for s in bundle.sources if s.name == name)
+    good_rows, good_rejects = read_all(source_cfg)
+    target = Path(source_cfg.metadata[0])
+    broken = tmp_path / target.name
+    broken.write_bytes(DAMAGE[damage](target.read_bytes()))
+    damaged_cfg = dataclasses.replace(source_cfg, metadata=[str(broken), *source_cfg.metadata[1:]])
+    try:
+        rows, rejects = read_all(damaged_cfg)
+    except PmdError as err:  # the whole input is unreadable: the source fails with a clear one-line message
+        message = str(err)
+        assert message.startswith(f"source {name}") and "\n" not in message, message
+        return
+    if damage == "long_line":
+        assert rows == good_rows and len(rejects) == len(good_rejects) + 1
+        reasons = {r.reason for r in rejects.rejects} - {r.reason for r in good_rejects.rejects}
+        assert reasons <= {
+            "line_too_long",
+            "wrong_column_count",
+            "csv_error",
+            "trailing_data",
+            "corrupt_compressed_stream",
+        }
+    elif damage == "empty":
+        assert rows <= good_rows  # an empty file is no records, not an error
+    else:
+        new = rejects.rejects[len(good_rejects) :] if len(rejects) > len(good_rejects) else []
+        assert rows < good_rows or new or rows == good_rows, "records vanished without a reject"
+        if rows < good_rows:
+            lost = good_rows - rows
+            assert new or damage == "truncate", f"{lost} records lost without a reject"
+        for reject in rejects.rejects:
+            assert reject.file and reject.line >= 0 and reject.reason
