@@ -16,6 +16,7 @@ from pmd_pipeline.manifest import write_manifest
 from pmd_pipeline.output import claim_output
 from pmd_pipeline.plan import plan_source
 from pmd_pipeline.process import process_shard
+from pmd_pipeline.tokenize_stage import finished_shards, shards_to_tokenize, tokenize_shards
 from shards.layout import ShardPaths
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,18 @@ def build(cfg: BuildConfig, on_progress: Callable[[int, int], None] | None = Non
     if not cfg.enabled_sources():
         raise PmdError("the config enables no source; add a [sources.<name>] table (see `pmd sources`)")
     claim_output(cfg)
+    if cfg.tokenize.enabled:  # refuse a codebook other than the one already in OUT before any work
+        shards_to_tokenize(finished_shards(Path(cfg.out)), cfg.tokenize)
     plans = ray.get([_plan_task.remote(cfg, s) for s in cfg.enabled_sources()])
     shards = [ShardPaths(Path(cfg.out), p["source"], i) for p in plans for i in range(p["shards"])]
     result = BuildResult(shards_total=len(shards))
     todo = [s for s in shards if not s.is_done()]
     result.shards_skipped = len(shards) - len(todo)
     _run_shards(cfg, todo, result, on_progress)
+    if result.shards_failed:
+        return result
+    if cfg.tokenize.enabled:  # only shards without tokens of this codebook
+        result.shards_failed += tokenize_shards(cfg.tokenize, shards_to_tokenize(shards, cfg.tokenize))
     if result.shards_failed:
         return result
     result.manifest = write_manifest(cfg)
