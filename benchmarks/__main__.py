@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 BENCHES = {"fetch": "benchmarks.bench_fetch", "embedded": "benchmarks.bench_embedded"}
+BENCHES["dvae"] = "benchmarks.bench_dvae"
 RESULTS = Path(__file__).parent / "results"
 
 
