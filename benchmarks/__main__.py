@@ -15,6 +15,7 @@ BENCHES = {
     "yfcc": "benchmarks.bench_yfcc",
     "stats": "benchmarks.bench_stats",
     "train": "benchmarks.bench_train",
+    "dvae": "benchmarks.bench_dvae",
 }
 RESULTS = Path(__file__).parent / "results"
 

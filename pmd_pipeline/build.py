@@ -17,6 +17,7 @@ from pmd_pipeline.manifest import write_manifest
 from pmd_pipeline.output import claim_output
 from pmd_pipeline.plan import plan_source
 from pmd_pipeline.process import process_shard
+from pmd_pipeline.tokenize_stage import finished_shards, shards_to_tokenize, tokenize_shards
 from shards.layout import ShardPaths
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ def build(cfg: BuildConfig, on_progress: Callable[[int, int], None] | None = Non
     if not cfg.enabled_sources():
         raise PmdError("the config enables no source; add a [sources.<name>] table (see `pmd sources`)")
     claim_output(cfg)
+    if cfg.tokenize.enabled:  # refuse a codebook other than the one already in OUT before any work
+        shards_to_tokenize(finished_shards(Path(cfg.out)), cfg.tokenize)
     result = BuildResult()
     plans = _plan_sources(cfg, result)
     shards = [ShardPaths(Path(cfg.out), p["source"], i) for p in plans for i in range(p["shards"])]
@@ -52,6 +55,10 @@ def build(cfg: BuildConfig, on_progress: Callable[[int, int], None] | None = Non
     _run_shards(cfg, todo, result, on_progress)
     if result.failed:
         return result  # no manifest for an incomplete build; re-running finishes it
+    if cfg.tokenize.enabled:  # only shards without tokens of this codebook
+        result.shards_failed += tokenize_shards(cfg.tokenize, shards_to_tokenize(shards, cfg.tokenize))
+    if result.failed:
+        return result
     crash_point("manifest", cfg.out)
     result.manifest = write_manifest(cfg)
     shutil.rmtree(Path(cfg.out) / "_work", ignore_errors=True)

@@ -189,6 +189,22 @@ def verify(
 
 
 @app.command()
+def tokenize(
+    out: Path = typer.Argument(..., help="A build output folder."),
+    codebook: str = typer.Option(
+        None, help="HF FlavaImageCodebook folder or DALL-E encoder.pkl ('' = random, seeded); default: the build's."
+    ),
+    force: bool = typer.Option(False, "--force", help="Redo every shard, also those tokenized with another codebook."),
+) -> None:
+    """Add dVAE image tokens (KEY.dvae.npy) to every finished shard, without re-downloading; rewrites the manifest."""
+    from pmd_pipeline.tokenize_cmd import tokenize_command
+
+    with _errors_as_messages():
+        if not tokenize_command(out, codebook, force, console):
+            raise typer.Exit(1)
+
+
+@app.command()
 def pretrain(
     config: Path = typer.Argument(None, help="TOML pretrain config; none = the embedded tiny run on ./pmd_out."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),

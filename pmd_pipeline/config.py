@@ -70,6 +70,18 @@ class RunConfig:
 
 
 @dataclass
+class TokenizeConfig:
+    """The dVAE token stage. Not in the config hash: each shard's sidecar records its codebook's identity instead."""
+
+    enabled: bool = True
+    codebook: str = ""  # HF FlavaImageCodebook folder or DALL-E encoder.pkl; empty = random codebook (seeded)
+    batch_size: int = 0  # images per encoder call; 0 = sized for the device
+    precision: str = "auto"  # auto (bf16 where the device has it natively), fp32, bf16
+    actors: int = 0  # 0 = one per GPU, or one CPU actor using every core
+    seed: int = 0  # of the random codebook
+
+
+@dataclass
 class BuildConfig:
     out: str = "pmd_out"
     shard_size: int = 1000
@@ -78,6 +90,7 @@ class BuildConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
     def enabled_sources(self) -> list[SourceConfig]:
         return [s for s in self.sources if s.enabled]
@@ -124,12 +137,14 @@ def config_from_dict(raw: dict, base_dir: Path) -> BuildConfig:
     sections = {name: _section(cls, raw.pop(name, {}), name) for name, cls in _SECTIONS.items()}
     cfg = _build(BuildConfig, raw, "top level", sources=sources, filters=filters, **sections)
     cfg.out = str(_resolve(cfg.out, base_dir))
+    if cfg.tokenize.codebook:
+        cfg.tokenize.codebook = str(_resolve(cfg.tokenize.codebook, base_dir))
     if cfg.shard_size < 1:
         raise PmdError("config: shard_size must be at least 1")
     return cfg
 
 
-_SECTIONS = {"image": ImageConfig, "fetch": FetchConfig, "run": RunConfig}
+_SECTIONS = {"image": ImageConfig, "fetch": FetchConfig, "run": RunConfig, "tokenize": TokenizeConfig}
 
 
 def _source_from(name: str, spec: dict, base_dir: Path) -> SourceConfig:

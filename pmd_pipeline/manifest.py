@@ -33,6 +33,7 @@ def write_manifest(cfg: BuildConfig) -> dict:
         "config": cfg.to_dict(),
         "versions": package_versions(),
         "sources": sources,
+        "tokens": tokens_entry(out, sources),
         "totals": {
             key: sum(s[key] for s in sources.values())
             for key in ("shards", "rows_in", "samples_written", "pairs_written", "rejected_raw_records")
@@ -52,7 +53,34 @@ def _source_entry(out: Path, source: str) -> dict:
         "pairs_written": sum(s["pairs_written"] for s in shards),
         "rejected_raw_records": plan["rejected_raw_records"],
         "shard_files": [
-            {"tar": f"{source}/{s['shard']}.tar", "samples": s["samples_written"], "sha256": s["tar_sha256"]}
+            {"tar": f"{source}/{s['shard']}.tar", "samples": s["samples_written"], **_tar_state(out, source, s)}
             for s in shards
         ],
     }
+
+
+def _tar_state(out: Path, source: str, stats: dict) -> dict:
+    """The tar's current sha256: the tokenize sidecar's once tokens were added (the tar was rewritten)."""
+    sidecar = out / source / f"{stats['shard']}_dvae.json"
+    if not sidecar.exists():
+        return {"sha256": stats["tar_sha256"], "tokens": None}
+    tokens = json.loads(sidecar.read_text())
+    return {"sha256": tokens["tar_sha256"], "tokens": tokens["codebook"]}
+
+
+def tokens_entry(out: Path, sources: dict) -> dict:
+    """Which codebook made the shards' KEY.dvae.npy, in plain words (a random one makes meaningless tokens)."""
+    identities = {f["tokens"] for s in sources.values() for f in s["shard_files"]}
+    if identities == {None} or not identities:
+        return {"codebook": None, "random": False, "note": "no image tokens: the tokenize stage did not run"}
+    if len(identities) > 1:
+        return {"codebook": sorted(map(str, identities)), "random": False, "note": "MIXED codebooks: re-tokenize"}
+    (identity,) = identities
+    if identity.startswith("random"):
+        note = (
+            f"tokens from a randomly initialised dVAE encoder ({identity}): valid in shape and range, "
+            "meaningless in content; give [tokenize] codebook a real checkpoint for training"
+        )
+        return {"codebook": identity, "random": True, "note": note}
+    note = "tokens from the dVAE encoder weights with this sha256 (FlavaImageCodebook / DALL-E encoder.pkl)"
+    return {"codebook": identity, "random": False, "note": note}

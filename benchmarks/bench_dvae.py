@@ -1,0 +1,132 @@
+"""dVAE tokenize stage throughput vs a straightforward fp32 batch-1 loop, same images, same run; token agreement.
+
+Both sides use the same encoder (the seeded random codebook of the real architecture: no real weights can be
+downloaded here), the same torch thread count, and start from the same stored JPEG bytes. The stage is
+`tokenize_shard` on a shard tar (read, decode, LANCZOS, encode batched channels_last, rewrite the tar, sidecar);
+the baseline decodes, resizes and encodes one image at a time in fp32, default memory format.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from pmd_pipeline.codebook import load_codebook
+from pmd_pipeline.dvae import DvaeTokenizer, agreement, bf16_is_native, encoder_pixels
+from pmd_pipeline.tokenize import read_samples, rewrite_tar, tokenize_shard
+from shards.layout import TOKENS_EXT, ShardPaths, atomic_write_json
+
+GFLOP_PER_IMAGE = 52.0  # the encoder at 112 px (PMD_SPEC.md)
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense tensor-core peaks, for the GPU fraction
+
+
+def run(args=None) -> dict:
+    images = int(os.environ.get("PMD_BENCH_DVAE_IMAGES", 16))
+    rounds = int(os.environ.get("PMD_BENCH_DVAE_ROUNDS", 2))
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    model = load_codebook(None, seed=0).model
+    jpgs = [synthetic_jpeg(i) for i in range(images)]
+    stage = DvaeTokenizer(model, "fp32", "cpu")  # fastest on CPUs without native bf16 (see bf16 below)
+    baseline_s, stage_s = [], []
+    with tempfile.TemporaryDirectory(prefix="bench_dvae_") as tmp:
+        for r in range(rounds):  # alternate, so both sides see the same background load
+            start = time.perf_counter()
+            reference = baseline_tokens(model, jpgs)
+            baseline_s.append(time.perf_counter() - start)
+            paths = make_shard(Path(tmp) / f"round{r}", jpgs)
+            start = time.perf_counter()
+            tokenize_shard(paths, stage, "random, seed 0", batch_size=8)
+            stage_s.append(time.perf_counter() - start)
+        stage_tokens = np.stack([np.load(io.BytesIO(s[TOKENS_EXT])) for s in read_samples(paths.tar)])
+    result = {
+        "images": images,
+        "rounds": rounds,
+        "torch_threads": threads,
+        "codebook": "random, seed 0 (real architecture, 53.8M parameters)",
+        "baseline": "fp32, batch 1, contiguous, torch.no_grad, decode+resize per image",
+        "stage": "tokenize_shard: fp32, batch 8, channels_last, inference_mode, tar rewrite + sidecar included",
+        "baseline_images_per_s": round(images / statistics.median(baseline_s), 3),
+        "stage_images_per_s": round(images / statistics.median(stage_s), 3),
+        "baseline_seconds": [round(s, 2) for s in baseline_s],
+        "stage_seconds": [round(s, 2) for s in stage_s],
+        "agreement_stage_vs_fp32_reference": round(agreement(stage_tokens, reference), 5),
+        "cpu_bf16_native": bf16_is_native(torch.device("cpu")),
+    }
+    result["speedup"] = round(result["stage_images_per_s"] / result["baseline_images_per_s"], 2)
+    result.update(bf16_cpu(model, jpgs[:4], reference[:4]))
+    if torch.cuda.is_available():
+        result.update(gpu(model, jpgs, reference))
+    return result
+
+
+def synthetic_jpeg(seed: int) -> bytes:
+    """A 224x224 JPEG with smooth shapes and texture (closer to photos than white noise)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:224, 0:224] / 224.0
+    channels = [np.sin(xx * rng.uniform(2, 12) + yy * rng.uniform(2, 12) + rng.uniform(0, 6)) for _ in range(3)]
+    pixels = (np.stack(channels, -1) * 100 + 128 + rng.normal(0, 12, (224, 224, 3))).clip(0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(1)).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def make_shard(out: Path, jpgs: list[bytes]) -> ShardPaths:
+    paths = ShardPaths(out, "bench", 0)
+    paths.folder.mkdir(parents=True)
+    _, sha = rewrite_tar(paths.tar, [{"__key__": f"k{i:05d}", "jpg": j} for i, j in enumerate(jpgs)])
+    atomic_write_json(paths.stats, {"tar_sha256": sha})
+    return paths
+
+
+def baseline_tokens(model: torch.nn.Module, jpgs: list[bytes]) -> np.ndarray:
+    """The straightforward loop: one image at a time, fp32, default memory format."""
+    model = model.to(memory_format=torch.contiguous_format)
+    out = []
+    with torch.no_grad():
+        for jpg in jpgs:
+            x = torch.from_numpy(encoder_pixels(jpg))[None]
+            out.append(model(x).argmax(1)[0].numpy().astype(np.uint16))
+    return np.stack(out)
+
+
+def bf16_cpu(model: torch.nn.Module, jpgs: list[bytes], reference: np.ndarray) -> dict:
+    tokenizer = DvaeTokenizer(model, "bf16", "cpu")
+    pixels = np.stack([encoder_pixels(j) for j in jpgs])
+    start = time.perf_counter()
+    tokens = tokenizer.tokens(pixels)
+    seconds = time.perf_counter() - start
+    return {
+        "cpu_bf16_images_per_s": round(len(jpgs) / seconds, 3),
+        "cpu_bf16_agreement_vs_fp32": round(agreement(tokens, reference), 5),
+    }
+
+
+def gpu(model: torch.nn.Module, jpgs: list[bytes], reference: np.ndarray) -> dict:
+    tokenizer = DvaeTokenizer(model, "auto", "cuda")
+    pixels = np.stack([encoder_pixels(j) for j in jpgs] * max(1, 512 // len(jpgs)))[:512]
+    tokenizer.tokens(pixels[:64])  # warm-up: cuDNN picks its algorithms
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    tokens = tokenizer.tokens(pixels)
+    torch.cuda.synchronize()
+    per_s = len(pixels) / (time.perf_counter() - start)
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    tflops = per_s * GFLOP_PER_IMAGE / 1000
+    return {
+        "gpu": name,
+        "gpu_precision": tokenizer.precision,
+        "gpu_images_per_s": round(per_s, 1),
+        "gpu_tflops": round(tflops, 1),
+        "gpu_fraction_of_peak": round(tflops / peak, 3) if peak else None,
+        "gpu_agreement_vs_fp32": round(agreement(tokens[: len(reference)], reference), 5),
+    }

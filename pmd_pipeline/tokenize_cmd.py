@@ -1,0 +1,35 @@
+"""`pmd tokenize OUT`: add or redo the dVAE tokens of a finished build without re-downloading anything."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import ray
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+from pmd_pipeline.errors import PmdError
+from pmd_pipeline.tokenize_stage import saved_config, tokenize_output
+
+
+def tokenize_command(out: Path, codebook: str | None, force: bool, console: Console) -> bool:
+    """Run the stage on a local Ray (or the build's cluster) and report; False when some shard failed."""
+    if not out.is_dir():
+        raise PmdError(f"{out} is not a folder; give a `pmd build` output")
+    cfg = saved_config(out)  # read first: a wrong folder is refused before Ray starts
+    if not ray.is_initialized():
+        if cfg.run.ray_address:
+            ray.init(address=cfg.run.ray_address, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    with Progress("[bold]tokenize", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("tokenize", total=None)
+        progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
+        result = tokenize_output(out, codebook, force, progress)
+    for failure in result["failed"]:
+        console.print(f"[red]failed:[/] {failure} (re-run the same command to retry)", highlight=False)
+    console.print(f"[bold]{out}[/]: {result['shards']} shards, {result['tokenized']} tokenized now")
+    if result["manifest"]:
+        console.print(f"codebook: {result['manifest']['tokens']['note']}", highlight=False)
+    return not result["failed"]

@@ -1,0 +1,147 @@
+"""The tokenize stage on Ray: a pool of actors that each load the dVAE encoder once and tokenize whole shards.
+
+One actor per GPU when the cluster has GPUs; otherwise CPU actors (by default one, using every core:
+the encoder's convolutions already use all threads, and a second copy of 54M parameters buys nothing).
+Runs inside `pmd build` after every shard is written, and alone as `pmd tokenize OUT`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+
+from pmd_pipeline.codebook import codebook_identity
+from pmd_pipeline.config import BuildConfig, TokenizeConfig
+from pmd_pipeline.errors import PmdError
+from pmd_pipeline.tokenize import needs_tokens
+from shards.layout import ShardPaths
+
+log = logging.getLogger(__name__)
+
+
+def finished_shards(out: Path) -> list[ShardPaths]:
+    """Every finished shard of a build folder (the ones with a stats file), in source and index order."""
+    shards = []
+    for stats in sorted(out.glob("*/[0-9]*_stats.json")):
+        if not stats.parent.name.startswith("_"):
+            shards.append(ShardPaths(out, stats.parent.name, int(stats.name.split("_")[0])))
+    return shards
+
+
+def shards_to_tokenize(shards: list[ShardPaths], tcfg: TokenizeConfig, force: bool = False) -> list[ShardPaths]:
+    """Shards without tokens of this codebook; refuses (PmdError) to mix codebooks unless `force`."""
+    identity = codebook_identity(tcfg.codebook, tcfg.seed)
+    return [s for s in shards if needs_tokens(s, identity, force)]
+
+
+def tokenize_shards(
+    tcfg: TokenizeConfig, todo: list[ShardPaths], force: bool = False, on_progress: Callable | None = None
+) -> list[str]:
+    """Tokenize `todo` on an actor pool; returns the tars that failed (a re-run redoes them)."""
+    if not todo:
+        return []
+    actors = _start_actors(tcfg, min(len(todo), _actor_count(tcfg)))
+    failed: list[str] = []
+    queue = list(reversed(todo))
+    in_flight: dict = {}
+    done = 0
+    while queue or in_flight:
+        for actor in actors:
+            if queue and actor not in in_flight.values():
+                paths = queue.pop()
+                in_flight[actor.tokenize.remote(paths, force)] = actor
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        in_flight.pop(ready[0])
+        done += 1
+        try:
+            ray.get(ready[0])
+        except ray.exceptions.RayError as err:
+            log.error("tokenizing failed: %s", err)
+            failed.append(str(err).splitlines()[0])
+        if on_progress:
+            on_progress(done, len(todo))
+    for actor in actors:
+        ray.kill(actor)
+    return failed
+
+
+def _actor_count(tcfg: TokenizeConfig) -> int:
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return tcfg.actors or gpus or 1
+
+
+def _start_actors(tcfg: TokenizeConfig, count: int) -> list:
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus:
+        options = {"num_gpus": 1, "num_cpus": 1}
+        threads = 1
+    else:
+        threads = max(1, int(ray.available_resources().get("CPU", 1)) // count)
+        options = {"num_cpus": threads}
+    actors = [TokenizeActor.options(**options).remote(tcfg, threads) for _ in range(count)]
+    ray.get([a.ready.remote() for a in actors])  # a bad codebook fails here, once, with its message
+    return actors
+
+
+@ray.remote
+class TokenizeActor:
+    """Loads the encoder once and tokenizes whole shards with it."""
+
+    def __init__(self, tcfg: TokenizeConfig, threads: int):
+        import torch
+
+        from pmd_pipeline.codebook import load_codebook
+        from pmd_pipeline.dvae import DvaeTokenizer, default_batch_size
+
+        torch.set_num_threads(threads)
+        codebook = load_codebook(tcfg.codebook, tcfg.seed)
+        self.identity = codebook.identity
+        self.tokenizer = DvaeTokenizer(codebook.model, tcfg.precision)
+        self.batch_size = tcfg.batch_size or default_batch_size(self.tokenizer.device)
+
+    def ready(self) -> str:
+        return self.identity
+
+    def tokenize(self, paths: ShardPaths, force: bool) -> dict:
+        from pmd_pipeline.tokenize import tokenize_shard
+
+        return tokenize_shard(paths, self.tokenizer, self.identity, self.batch_size, force)
+
+
+def saved_config(out: Path) -> BuildConfig:
+    """The config a build folder was made with (OUT/config.json), as a BuildConfig."""
+    from pmd_pipeline.config import config_from_dict
+
+    try:
+        saved = json.loads((out / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        raise PmdError(f"{out} is not a pmd build output (no readable config.json)") from None
+    saved["sources"] = {s.pop("name"): s for s in saved["sources"]}
+    saved["filters"] = [{"name": f["name"], **f["params"]} for f in saved["filters"]]
+    saved["out"] = str(out.resolve())
+    return config_from_dict(saved, base_dir=out.resolve())
+
+
+def tokenize_output(out: Path, codebook: str | None = None, force: bool = False, on_progress=None) -> dict:
+    """`pmd tokenize OUT`: add (or, with force, redo) tokens in every finished shard, then rewrite the manifest."""
+    from pmd_pipeline.manifest import write_manifest
+    from shards.layout import atomic_write_json
+
+    cfg = saved_config(out)
+    if codebook is not None:
+        cfg.tokenize.codebook = str(Path(codebook).expanduser().resolve()) if codebook else ""
+    shards = finished_shards(out)
+    if not shards:
+        raise PmdError(f"{out} has no finished shards to tokenize; run `pmd build` first")
+    todo = shards_to_tokenize(shards, cfg.tokenize, force)
+    failed = tokenize_shards(cfg.tokenize, todo, force, on_progress)
+    if failed:
+        return {"shards": len(shards), "tokenized": len(todo) - len(failed), "failed": failed, "manifest": None}
+    saved = json.loads((out / "config.json").read_text())
+    saved["config"]["tokenize"] = cfg.to_dict()["tokenize"]  # the manifest and a later build see this codebook
+    atomic_write_json(out / "config.json", saved)
+    return {"shards": len(shards), "tokenized": len(todo), "failed": [], "manifest": write_manifest(cfg)}

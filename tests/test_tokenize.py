@@ -1,0 +1,169 @@
+"""Tokenizing shards: atomic rewrite + sidecar last, resume, codebook refusal, failed samples, build and CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pmd_pipeline.codebook import load_codebook
+from pmd_pipeline.dvae import DvaeTokenizer, encoder_pixels
+from pmd_pipeline.errors import PmdError
+from pmd_pipeline.tokenize import read_samples, rewrite_tar, sidecar_path, tokenize_shard
+from shards.layout import ShardPaths, atomic_write_json
+from tests.test_dvae_codebook import small_hf_folder
+
+
+def jpeg(seed, size=(224, 224)):
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def make_shard(out, n=5, source="toy"):
+    """A finished shard as the writer leaves it: image samples, one text-only, one non-square, one broken JPEG."""
+    paths = ShardPaths(out, source, 0)
+    samples = [{"__key__": f"img{i}", "jpg": jpeg(i), "txt": b"a caption", "json": b"{}"} for i in range(n)]
+    samples += [
+        {"__key__": "textonly", "txt": b"just text"},
+        {"__key__": "wide", "jpg": jpeg(9, (224, 100)), "json": b"{}"},
+        {"__key__": "broken", "jpg": b"<html>not an image</html>", "json": b"{}"},
+    ]
+    paths.folder.mkdir(parents=True)
+    _, sha = rewrite_tar(paths.tar, samples)
+    atomic_write_json(paths.stats, {"shard": paths.name, "samples_written": len(samples), "tar_sha256": sha})
+    return paths
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    folder = small_hf_folder(tmp_path_factory.mktemp("codebook") / "small")
+    codebook = load_codebook(folder)
+    return folder, codebook.identity, DvaeTokenizer(codebook.model, "fp32", "cpu")
+
+
+def test_tokens_are_added_to_every_image_sample_and_the_sidecar_is_right(tmp_path, small):
+    _, identity, tokenizer = small
+    paths = make_shard(tmp_path)
+    sidecar = tokenize_shard(paths, tokenizer, identity, batch_size=2)
+    samples = {s["__key__"]: s for s in wds.WebDataset(str(paths.tar), shardshuffle=False)}
+    grids = {k: np.load(io.BytesIO(s["dvae.npy"])) for k, s in samples.items() if "dvae.npy" in s}
+    assert sorted(grids) == [f"img{i}" for i in range(5)]
+    for key, grid in grids.items():
+        assert grid.shape == (14, 14) and grid.dtype == np.uint16 and grid.max() < 8192
+        expected = tokenizer.tokens(encoder_pixels(samples[key]["jpg"])[None])
+        assert np.array_equal(grid, expected[0])  # batching changes nothing
+    assert samples["img0"]["jpg"] == jpeg(0) and samples["textonly"]["txt"] == b"just text"
+    assert sidecar["samples_tokenized"] == 5 and sidecar["samples_failed"] == 2
+    assert sidecar["failure_reasons"] == {"dvae_image_not_square": 1, "dvae_decode_error": 1}
+    assert len(sidecar["code_counts"]) == 8192 and sum(sidecar["code_counts"]) == 5 * 196
+    assert sidecar["tar_sha256"] == hashlib.sha256(paths.tar.read_bytes()).hexdigest()
+    assert sidecar["tar_bytes"] == paths.tar.stat().st_size and sidecar["codebook"] == identity
+    assert json.loads(sidecar_path(paths).read_text()) == sidecar
+    assert not sidecar["codebook_random"]
+
+
+def test_bad_token_arrays_are_failed_samples_not_crashes(tmp_path, small):
+    _, identity, tokenizer = small
+
+    class WrongTokenizer:
+        def tokens(self, pixels):
+            return np.full((len(pixels), 14, 14), 9000, np.uint16)  # out of the codebook's range
+
+    paths = make_shard(tmp_path, n=2)
+    sidecar = tokenize_shard(paths, WrongTokenizer(), identity, batch_size=4)
+    assert sidecar["samples_tokenized"] == 0 and sidecar["failure_reasons"]["dvae_out_of_range"] == 2
+    assert not any(name.endswith(".dvae.npy") for s in read_samples(paths.tar) for name in s)
+
+
+def test_killed_attempt_is_redone_and_a_finished_shard_is_skipped(tmp_path, small):
+    _, identity, tokenizer = small
+    paths = make_shard(tmp_path, n=2)
+    original = paths.tar.read_bytes()
+    stale = paths.folder / f".{paths.name}.tar.123.dead.tmp"  # a killed attempt's half-written tar
+    stale.write_bytes(original[:1000])
+    assert not sidecar_path(paths).exists()
+    sidecar = tokenize_shard(paths, tokenizer, identity, batch_size=2)
+    assert not stale.exists() and sidecar["samples_tokenized"] == 2
+    mtime = paths.tar.stat().st_mtime_ns
+    again = tokenize_shard(paths, tokenizer, identity, batch_size=2)
+    assert again["skipped"] and paths.tar.stat().st_mtime_ns == mtime
+    # a crash between the tar's rename and the sidecar: tokens exist, no sidecar -> redone, same bytes
+    tokenized = paths.tar.read_bytes()
+    sidecar_path(paths).unlink()
+    assert tokenize_shard(paths, tokenizer, identity, batch_size=2)["tar_sha256"] == sidecar["tar_sha256"]
+    assert paths.tar.read_bytes() == tokenized
+
+
+def test_an_interrupted_rewrite_leaves_the_old_tar_intact(tmp_path, small, monkeypatch):
+    _, identity, tokenizer = small
+    paths = make_shard(tmp_path, n=2)
+    before = paths.tar.read_bytes()
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pmd_pipeline.tokenize.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_shard(paths, tokenizer, identity, batch_size=2)
+    assert paths.tar.read_bytes() == before and not sidecar_path(paths).exists()
+    assert not list(paths.folder.glob(".*.tmp"))
+
+
+def test_another_codebook_is_refused_without_force(tmp_path, small):
+    _, identity, tokenizer = small
+    paths = make_shard(tmp_path, n=2)
+    tokenize_shard(paths, tokenizer, identity, batch_size=2)
+    with pytest.raises(PmdError, match="tokenized with codebook"):
+        tokenize_shard(paths, tokenizer, "random, seed 0", batch_size=2)
+    redone = tokenize_shard(paths, tokenizer, "random, seed 0", batch_size=2, force=True)
+    assert redone["codebook"] == "random, seed 0" and redone["codebook_random"]
+
+
+def test_unfinished_shard_is_refused(tmp_path, small):
+    _, identity, tokenizer = small
+    paths = make_shard(tmp_path, n=1)
+    paths.stats.unlink()
+    with pytest.raises(PmdError, match="not a finished shard"):
+        tokenize_shard(paths, tokenizer, identity, batch_size=2)
+
+
+def test_build_tokenizes_every_image_shard_and_pmd_tokenize_redoes_them(ray_session, tmp_path, small):
+    from typer.testing import CliRunner
+
+    from pmd_pipeline.cli import app
+    from pmd_pipeline.config import TokenizeConfig
+    from tests.helpers import build_embedded
+
+    folder, identity, _ = small
+    out = tmp_path / "out"
+
+    result = build_embedded(out, shard_size=40, tokenize=TokenizeConfig(codebook=str(folder), batch_size=16))
+    assert not result.shards_failed
+    manifest = result.manifest
+    assert manifest["tokens"]["codebook"] == identity and not manifest["tokens"]["random"]
+    parquet = pl.read_parquet(list(out.glob("*/0*.parquet")))
+    written = set(parquet.filter(pl.col("status") == "written")["key"])
+    for source in manifest["sources"].values():
+        for shard in source["shard_files"]:
+            tar = out / shard["tar"]
+            assert hashlib.sha256(tar.read_bytes()).hexdigest() == shard["sha256"]
+            for sample in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False):
+                assert np.load(io.BytesIO(sample["dvae.npy"])).shape == (14, 14)
+                written.discard(sample["__key__"])
+    assert not written  # every written image sample carries tokens
+
+    runner = CliRunner()
+    refused = runner.invoke(app, ["tokenize", str(out), "--codebook", ""])
+    assert refused.exit_code == 2 and "--force" in refused.output
+    sidecars = sorted(out.glob("*/*_dvae.json"))
+    mtimes = [p.stat().st_mtime_ns for p in sidecars]
+    same = runner.invoke(app, ["tokenize", str(out)])
+    assert same.exit_code == 0, same.output
+    assert mtimes == [p.stat().st_mtime_ns for p in sidecars]  # nothing redone
