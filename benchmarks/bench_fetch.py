@@ -98,6 +98,7 @@ def _time_pmd(tsv: Path, out: Path) -> float:
     cfg.fetch.thread_count, cfg.fetch.retries = THREADS, 0
     cfg.fetch.max_per_host = THREADS  # one local host serves everything: no politeness limit in a speed test
     cfg.fetch.allowed_private_hosts = ["127.0.0.1"]
+    cfg.tokenize.enabled = False  # fetch is measured here; the dVAE stage has its own bench
     started = time.time()
     result = build(cfg)
     elapsed = time.time() - started

@@ -33,6 +33,11 @@ def build(
     ),
     ray_address: str = typer.Option(None, help="Join this Ray cluster instead of starting a local one."),
     workers: int = typer.Option(None, help="CPUs of the local Ray instance (default: all cores)."),
+    no_tokenize: bool = typer.Option(
+        False,
+        "--no-tokenize",
+        help="Skip the dVAE token stage (add tokens later with `pmd tokenize OUT`, e.g. on a GPU).",
+    ),
 ) -> None:
     """Build shards: plan -> filter -> fetch -> write -> manifest. Re-running resumes; finished shards are kept."""
     with _errors_as_messages():
@@ -40,6 +45,8 @@ def build(
         if mirror is not None:
             cfg.fetch.mirror = mirror
         cfg.fetch.allowed_private_hosts.extend(h.lower() for h in allow_host or [])
+        if no_tokenize:
+            cfg.tokenize.enabled = False
         if ray_address is not None:
             cfg.run.ray_address = ray_address
         if workers is not None:

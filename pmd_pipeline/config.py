@@ -160,7 +160,7 @@ def _source_from(name: str, spec: dict, base_dir: Path) -> SourceConfig:
         k: str(_resolve(v, base_dir)) if k.endswith(("_file", "_dir")) and isinstance(v, str) else v
         for k, v in spec.get("options", {}).items()
     }  # options naming files (karpathy_split_file) are paths like the others
-    if "filters" in spec:
+    if spec.get("filters") is not None:
         spec["filters"] = [_filter_from(f) for f in spec["filters"]]
     return _build(SourceConfig, spec, f"[sources.{name}]", name=name)
 
@@ -168,6 +168,8 @@ def _source_from(name: str, spec: dict, base_dir: Path) -> SourceConfig:
 def _filter_from(spec: dict) -> FilterConfig:
     if not isinstance(spec, dict) or "name" not in spec:
         raise PmdError("config: every [[filters]] entry needs a name")
+    if set(spec) == {"name", "params"} and isinstance(spec["params"], dict):  # the saved (resolved) form
+        return FilterConfig(name=spec["name"], params=dict(spec["params"]))
     params = {k: v for k, v in spec.items() if k != "name"}
     return FilterConfig(name=spec["name"], params=params)
 

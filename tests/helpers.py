@@ -8,13 +8,17 @@ import tarfile
 from pathlib import Path
 
 from pmd_pipeline.build import build
+from pmd_pipeline.config import TokenizeConfig
 from pmd_pipeline.embedded import default_config, materialize
 from pmd_pipeline.mirror import StaticServer, use_mirror
 from pmd_pipeline.output import claim_output
 
 
-def build_embedded(out: Path, **overrides):
+def build_embedded(out: Path, tokenize: bool | TokenizeConfig = False, **overrides):
+    """The embedded default through build(); without dVAE tokens unless asked (the real encoder is about 1 s
+    per image on a 2-core CPU: tests that need tokens pass a TokenizeConfig with a small codebook)."""
     cfg = default_config(str(out))
+    cfg.tokenize = tokenize if isinstance(tokenize, TokenizeConfig) else TokenizeConfig(enabled=tokenize)
     for name, value in overrides.items():
         setattr(cfg, name, value)
     claim_output(cfg)

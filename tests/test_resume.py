@@ -28,7 +28,7 @@ def start_build(out: Path, ray_address: str, pause_at: str | None = None) -> sub
     if pause_at:
         env[PAUSE_ENV] = pause_at
     return subprocess.Popen(
-        [*PMD, "build", "--out", str(out), "--ray-address", ray_address],
+        [*PMD, "build", "--out", str(out), "--ray-address", ray_address, "--no-tokenize"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -53,7 +53,10 @@ def rerun_to_completion(out: Path, ray_address: str) -> str:
     for marker in out.glob("_paused_at_*"):
         marker.unlink()  # the crash harness's own file, not part of a build
     rerun = subprocess.run(
-        [*PMD, "build", "--out", str(out), "--ray-address", ray_address], capture_output=True, text=True, timeout=600
+        [*PMD, "build", "--out", str(out), "--ray-address", ray_address, "--no-tokenize"],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     return rerun.stderr
