@@ -96,6 +96,7 @@ class HostileWeb:
                 pass
 
             def do_GET(self):
+                self._left = False  # one handler serves every request of a keep-alive connection
                 with web.lock:
                     web.hits[self.path] += 1
                     for name in (self.path, "*"):  # "*": all paths together
@@ -106,9 +107,16 @@ class HostileWeb:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
                 finally:
-                    with web.lock:
-                        web.in_flight[self.path] -= 1
-                        web.in_flight["*"] -= 1
+                    self._leave()
+
+            def _leave(self):
+                """Count the request as finished (once): before the response is sent where that matters."""
+                if getattr(self, "_left", False):
+                    return
+                self._left = True
+                with web.lock:
+                    web.in_flight[self.path] -= 1
+                    web.in_flight["*"] -= 1
 
             def _send(self, status: int, body: bytes, ctype="image/jpeg", headers=()):
                 self.send_response(status)
@@ -126,6 +134,9 @@ class HostileWeb:
                     return self._send(200, OK_JPEG)
                 if path.startswith("/slow/"):
                     time.sleep(0.2)
+                    # leave before answering: once the client has the body it may start its next request
+                    # while this thread is still returning, which is not concurrency on the client side
+                    self._leave()
                     return self._send(200, OK_JPEG)
                 if path.startswith("/status/"):
                     code = int(path.rsplit("/", 1)[1])
