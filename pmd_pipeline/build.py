@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,21 @@ class BuildResult:
     @property
     def failed(self) -> bool:
         return bool(self.shards_failed or self.sources_failed)
+
+
+def start_ray(cfg: BuildConfig) -> None:
+    """Join the configured cluster, or start a local Ray without the dashboard (once per process)."""
+    if ray.is_initialized():
+        return
+    # PMD_* variables (crash points, the real-data folder) reach the workers of a cluster we join too.
+    pmd_env = {k: v for k, v in os.environ.items() if k.startswith("PMD_")}
+    runtime_env = {"env_vars": pmd_env} if pmd_env else None
+    if cfg.run.ray_address:
+        ray.init(address=cfg.run.ray_address, logging_level=logging.WARNING, runtime_env=runtime_env)
+    else:
+        ray.init(
+            num_cpus=cfg.run.num_cpus, include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env
+        )
 
 
 def build(cfg: BuildConfig, on_progress: Callable[[int, int], None] | None = None) -> BuildResult:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import sys
 from pathlib import Path
 
@@ -88,31 +86,15 @@ def _embedded_mirror(cfg: BuildConfig, embedded: bool):
 
 def _run_build(cfg: BuildConfig):
     from pmd_pipeline.build import build as run_build
-    from pmd_pipeline.build import validate
+    from pmd_pipeline.build import start_ray, validate
     from pmd_pipeline.output import claim_output
 
     validate(cfg)
     claim_output(cfg)  # before the progress bar, so a refusal is one clean line
-    _start_ray(cfg)
+    start_ray(cfg)
     with Progress("[bold]shards", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("build", total=None)
         return run_build(cfg, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
-
-
-def _start_ray(cfg: BuildConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    # PMD_* variables (crash points, the real-data folder) reach the workers of a cluster we join too.
-    pmd_env = {k: v for k, v in os.environ.items() if k.startswith("PMD_")}
-    runtime_env = {"env_vars": pmd_env} if pmd_env else None
-    if cfg.run.ray_address:
-        ray.init(address=cfg.run.ray_address, logging_level=logging.WARNING, runtime_env=runtime_env)
-    else:
-        ray.init(
-            num_cpus=cfg.run.num_cpus, include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env
-        )
 
 
 def _report_build(cfg: BuildConfig, result) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-import ray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+from pmd_pipeline.build import start_ray
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.tokenize_stage import saved_config, tokenize_output
 
@@ -18,11 +17,7 @@ def tokenize_command(out: Path, codebook: str | None, force: bool, console: Cons
     if not out.is_dir():
         raise PmdError(f"{out} is not a folder; give a `pmd build` output")
     cfg = saved_config(out)  # read first: a wrong folder is refused before Ray starts
-    if not ray.is_initialized():
-        if cfg.run.ray_address:
-            ray.init(address=cfg.run.ray_address, logging_level=logging.WARNING)
-        else:
-            ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    start_ray(cfg)
     with Progress("[bold]tokenize", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("tokenize", total=None)
         progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
