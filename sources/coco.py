@@ -12,6 +12,7 @@ import polars as pl
 from pmd_pipeline.config import SourceConfig
 from pmd_pipeline.errors import PmdError
 from sources.base import RejectLog, Source, SourceInfo, candidates_frame, make_key, meta_json, require_files
+from sources.rawio import load_json
 
 INFO = SourceInfo(
     name="coco",
@@ -30,7 +31,7 @@ _ROLE_IN_NAME = re.compile(r"(train|val|test)(2014|2015|2017)")
 
 def read(cfg: SourceConfig, rejects: RejectLog) -> Iterator[pl.DataFrame]:
     for path in require_files(cfg):
-        doc = _load_json(path, cfg.name)
+        doc = load_json(path, cfg.name)
         if _is_karpathy(doc):
             yield candidates_frame(list(_karpathy_rows(doc, cfg, path, rejects)))
         elif _is_official(doc):
@@ -40,14 +41,6 @@ def read(cfg: SourceConfig, rejects: RejectLog) -> Iterator[pl.DataFrame]:
                 f"source coco: {path} is neither a Karpathy split file (images[].sentences) "
                 "nor an official captions file (images + annotations)"
             )
-
-
-def _load_json(path: Path, name: str):
-    try:
-        with open(path, "rb") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PmdError(f"source {name}: {path} is not valid JSON ({err})") from None
 
 
 def _is_karpathy(doc) -> bool:

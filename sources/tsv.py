@@ -16,30 +16,28 @@ MAX_LINE_BYTES = 1 << 20  # a metadata line longer than 1 MiB is corrupt, not a 
 def read_tsv_lines(path: Path, expected_fields: int, rejects: RejectLog) -> Iterator[tuple[int, list[str]]]:
     """Yield (1-based line number, fields) for every well-formed line; reject the rest with a reason."""
     for line_no, raw in numbered_lines(path, rejects):
-        fields = _parse_line(raw, expected_fields)
-        if isinstance(fields, str):
-            rejects.add(path, line_no, fields, raw[:2000])
-        elif fields is not None:
-            yield line_no, fields
+        text, reason = check_line(raw, expected_fields)
+        if reason:
+            rejects.add(path, line_no, reason, raw[:2000])
+        elif text is not None:
+            yield line_no, text.split("\t")
 
 
-def _parse_line(raw: bytes, expected_fields: int) -> list[str] | str | None:
-    """The fields, a reject reason, or None for a blank line."""
+def check_line(raw: bytes, expected_fields: int) -> tuple[str | None, str | None]:
+    """(the decoded line, None), (None, a reject reason), or (None, None) for a blank line."""
     if len(raw) > MAX_LINE_BYTES:
-        return "line_too_long"
+        return None, "line_too_long"
     if b"\x00" in raw:
-        return "nul_byte"
+        return None, "nul_byte"
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
-        return "invalid_utf8"
-    text = text.rstrip("\r\n")
+        return None, "invalid_utf8"
     if not text.strip():
-        return None
-    fields = text.split("\t")
-    if len(fields) != expected_fields:
-        return "wrong_column_count"
-    return fields
+        return None, None
+    if text.count("\t") != expected_fields - 1:
+        return None, "wrong_column_count"
+    return text, None
 
 
 def read_tsv_batches(

@@ -17,7 +17,7 @@ import polars as pl
 from pmd_pipeline.config import FilterConfig, SourceConfig
 from sources.base import CANDIDATE_SCHEMA, RejectLog, Source, SourceInfo, require_files
 from sources.rawio import CORRUPT_STREAM, open_binary
-from sources.tsv import MAX_LINE_BYTES
+from sources.tsv import check_line
 
 INFO = SourceInfo(
     name="yfcc100m",
@@ -70,26 +70,15 @@ def _line_chunks(path: Path, rejects: RejectLog) -> Iterator[tuple[int, list[byt
 
 
 def _well_formed(path: Path, first_line: int, lines: list[bytes], rejects: RejectLog) -> tuple[list[str], list[int]]:
+    """The chunk's decoded 25-column lines and their numbers; the others are rejects (the TSV rules)."""
     good, numbers = [], []
-    for offset, raw in enumerate(lines):
-        line_no = first_line + offset
-        reason = None
-        if len(raw) > MAX_LINE_BYTES:
-            reason = "line_too_long"
-        elif b"\x00" in raw:
-            reason = "nul_byte"
-        elif raw.count(b"\t") != len(COLUMNS) - 1:
-            reason = None if not raw.strip() else "wrong_column_count"
-            if reason is None:
-                continue  # a blank line
-        if reason is None:
-            try:
-                good.append(raw.decode("utf-8").rstrip("\r\n"))
-                numbers.append(line_no)
-                continue
-            except UnicodeDecodeError:
-                reason = "invalid_utf8"
-        rejects.add(path, line_no, reason, raw[:2000])
+    for line_no, raw in enumerate(lines, start=first_line):
+        text, reason = check_line(raw, len(COLUMNS))
+        if reason:
+            rejects.add(path, line_no, reason, raw[:2000])
+        elif text is not None:
+            good.append(text)
+            numbers.append(line_no)
     return good, numbers
 
 
