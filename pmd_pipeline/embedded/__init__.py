@@ -26,7 +26,6 @@ def default_config(out: str) -> BuildConfig:
     """The build `just build-pmd` runs: every bundled source, small shards so several shards run at once."""
     root = Path(out).resolve() / "_embedded"
     karpathy = {"karpathy_split_file": str(root / "coco/dataset_coco.json")}
-    ln = root / "localized_narratives"
 
     def source(name: str, *metadata: str, images: dict | None = None, options: dict | None = None) -> SourceConfig:
         return SourceConfig(
@@ -40,17 +39,18 @@ def default_config(out: str) -> BuildConfig:
         source("coco", "coco/dataset_coco.json", images={"train2014": "train2014.zip", "val2014": "val2014.zip"}),
         source("sbu_captions", "sbu_captions/sbu-captions-all.json"),
         source(
-            "localized_narratives__openimages", f"{ln}/open_images_train_v6_localized_narratives-00000-of-00010.jsonl"
+            "localized_narratives__openimages",
+            "localized_narratives/open_images_train_v6_localized_narratives-00000-of-00010.jsonl",
         ),
         source(
             "localized_narratives__coco",
-            f"{ln}/coco_train_localized_narratives.jsonl",
+            "localized_narratives/coco_train_localized_narratives.jsonl",
             images={"train2017": "train2017.zip"},
             options=karpathy,
         ),
         source(
             "localized_narratives__ade20k",
-            f"{ln}/ade20k_train_localized_narratives.jsonl",
+            "localized_narratives/ade20k_train_localized_narratives.jsonl",
             images={"ade20k": "ADEChallengeData2016.zip"},
         ),
         source("conceptual_captions", "conceptual_captions/Train_GCC-training.tsv"),
