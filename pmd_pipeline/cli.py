@@ -36,6 +36,10 @@ def build(
         "--no-tokenize",
         help="Skip the dVAE token stage (add tokens later with `pmd tokenize OUT`, e.g. on a GPU).",
     ),
+    codebook: Path = typer.Option(
+        None, help="dVAE encoder: HF FlavaImageCodebook folder or DALL-E encoder.pkl (overrides [tokenize] codebook)."
+    ),
+    precision: str = typer.Option(None, help="dVAE precision: auto, fp32, bf16 or int8 (overrides [tokenize])."),
 ) -> None:
     """Build shards: plan -> filter -> fetch -> write -> manifest. Re-running resumes; finished shards are kept."""
     with _errors_as_messages():
@@ -45,6 +49,10 @@ def build(
         cfg.fetch.allowed_private_hosts.extend(h.lower() for h in allow_host or [])
         if no_tokenize:
             cfg.tokenize.enabled = False
+        if codebook is not None:
+            cfg.tokenize.codebook = str(codebook.expanduser().resolve())
+        if precision is not None:
+            cfg.tokenize.precision = precision
         if ray_address is not None:
             cfg.run.ray_address = ray_address
         if workers is not None:
@@ -184,12 +192,13 @@ def tokenize(
         None, help="HF FlavaImageCodebook folder or DALL-E encoder.pkl ('' = random, seeded); default: the build's."
     ),
     force: bool = typer.Option(False, "--force", help="Redo every shard, also those tokenized with another codebook."),
+    precision: str = typer.Option(None, help="auto, fp32, bf16 or int8; default: the build's [tokenize] precision."),
 ) -> None:
     """Add dVAE image tokens (KEY.dvae.npy) to every finished shard, without re-downloading; rewrites the manifest."""
     from pmd_pipeline.tokenize_cmd import tokenize_command
 
     with _errors_as_messages():
-        if not tokenize_command(out, codebook, force, console):
+        if not tokenize_command(out, codebook, force, console, precision):
             raise typer.Exit(1)
 
 

@@ -1,25 +1,34 @@
 """Stored pixels -> DALL-E dVAE tokens: decode the JPEG (PIL, RGB), 112x112 LANCZOS, map_pixels, encoder, argmax.
 
-This is exactly what the trainer sees: it decodes the same KEY.jpg bytes with PIL. The encoder runs
-batched, channels_last, under bf16 autocast where the device does bf16 natively (CUDA, or CPUs with
-AVX512-BF16/AMX); elsewhere fp32, which is faster there (bf16 is emulated on plain AVX2).
+This is exactly what the trainer sees: it decodes the same KEY.jpg bytes with PIL. Precisions:
+- fp32 (the default on CPUs): exact. bf16 autocast is slower on the CPUs we measured (emulated on AVX2,
+  and slower than fp32 even with AVX512-BF16 but no AMX), so `auto` means fp32 there.
+- bf16 autocast, channels_last (`auto` on CUDA GPUs with bf16): the paper-era way to run the encoder fast.
+- int8 (CPU, opt-in): post-training static quantization for oneDNN (per-channel weights, activation ranges
+  observed on calibration images from the build itself). About 5x fp32 on a VNNI CPU, but an approximation:
+  the tokens' agreement with fp32 is measured on held-out images and recorded, and int8 tokens carry their
+  own identity so they are never mixed with fp32 ones (BENCHMARKS.md has the figures).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import io
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 
 from pmd_pipeline.codebook import VOCAB_SIZE
+from pmd_pipeline.config import INT8_SUFFIX
 from pmd_pipeline.errors import PmdError
 
 INPUT_SIZE = 112  # the encoder's input; 3 max-pools later the grid is 14x14
 GRID = (14, 14)
 LOGIT_LAPLACE_EPS = 0.1  # DALL-E's map_pixels: x' = (1 - 2 eps) x + eps
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
 class BadImage(ValueError):
@@ -62,29 +71,51 @@ def bf16_is_native(device: torch.device) -> bool:
 
 
 def default_batch_size(device: torch.device) -> int:
-    """Enough to keep a GPU busy (activations ~60 MB per image in bf16); small on CPUs, where batching helps little."""
-    return 256 if device.type == "cuda" else 8
+    """Enough to keep a GPU busy (activations ~60 MB per image in bf16). On CPUs one image at a time is
+    fastest: a batch's 112x112x256 activations (13 MB per image in fp32) fall out of the caches."""
+    return 256 if device.type == "cuda" else 1
+
+
+def tokens_identity(codebook_identity: str, precision: str) -> str:
+    """What a shard's tokens are recorded as: int8 tokens are an approximation, never mixed with exact ones."""
+    return codebook_identity + (INT8_SUFFIX if precision == "int8" else "")
 
 
 class DvaeTokenizer:
     """One encoder on one device; `tokens(pixels)` turns a batch of encoder pixels into uint16 [B, 14, 14]."""
 
-    def __init__(self, model: torch.nn.Module, precision: str = "auto", device: str | torch.device | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        precision: str = "auto",
+        device: str | torch.device | None = None,
+        calibration: np.ndarray | None = None,
+    ):
+        """`calibration`: encoder pixels [N, 3, 112, 112] from the data, needed by int8 only (see `quantize_int8`)."""
         if precision not in PRECISIONS:
             raise PmdError(f"dVAE precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.bf16 = precision == "bf16" or (precision == "auto" and bf16_is_native(self.device))
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
-
-    @property
-    def precision(self) -> str:
-        return "bf16" if self.bf16 else "fp32"
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" and bf16_is_native(self.device) else "fp32"
+        self.precision = precision
+        self.int8_agreement: float | None = None
+        if precision == "int8":
+            if self.device.type != "cpu":
+                raise PmdError("dVAE precision int8 runs on CPUs only; use bf16 or fp32 on a GPU")
+            self.model, self.int8_agreement = quantize_int8(model.eval(), calibration)
+        else:
+            self.model = model.eval().to(self.device, memory_format=torch.channels_last)
 
     def tokens(self, pixels: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.model(x)
+        if self.precision == "int8":
+            with torch.inference_mode(), int8_engine():
+                logits = self.model(x)
+        else:
+            x = x.contiguous(memory_format=torch.channels_last)
+            bf16 = self.precision == "bf16"
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = self.model(x)
         return logits.argmax(dim=1).to(torch.int32).cpu().numpy().astype(np.uint16)
 
     def tokens_of_jpegs(self, jpgs: list[bytes], batch_size: int) -> list[np.ndarray]:
@@ -94,6 +125,46 @@ class DvaeTokenizer:
             pixels = np.stack([encoder_pixels(j) for j in jpgs[start : start + batch_size]])
             out.extend(self.tokens(pixels))
         return out
+
+
+@contextlib.contextmanager
+def int8_engine():
+    """oneDNN's quantized kernels (VNNI); the engine is process-global, so set it only around our calls."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "onednn"
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def quantize_int8(model: torch.nn.Module, calibration: np.ndarray | None) -> tuple[torch.nn.Module, float]:
+    """The encoder's layers in int8 (oneDNN qconfig: per-channel weights, full-range activations) and the
+    agreement of its tokens with fp32 on held-out calibration images.
+
+    The first half of `calibration` sets the activation ranges, the second half is only compared, so the
+    agreement is not measured on the images the ranges were fitted to. Deterministic for the same images.
+    Uses torch.ao's FX quantization (deprecated in favour of torchao's pt2e, which needs an inductor compile;
+    torch is pinned, so this stays available).
+    """
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    if calibration is None or len(calibration) < 2:
+        raise PmdError("dVAE precision int8 needs at least 2 calibration images from the shards")
+    x = torch.from_numpy(np.ascontiguousarray(calibration))
+    fit, held_out = x[: (len(x) + 1) // 2], x[(len(x) + 1) // 2 :]
+    with int8_engine(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+        prepared = prepare_fx(copy.deepcopy(model.blocks), get_default_qconfig_mapping("onednn"), (fit[:1],))
+        with torch.no_grad():
+            for image in fit:  # one at a time, as the stage runs: the histograms see the same shapes
+                prepared(image[None])
+        quantized = convert_fx(prepared)
+        with torch.inference_mode():
+            exact = torch.cat([model.blocks(image[None]).argmax(1) for image in held_out])
+            approx = torch.cat([quantized(image[None]).argmax(1) for image in held_out])
+    return quantized, agreement(approx.numpy(), exact.numpy())
 
 
 def agreement(tokens: np.ndarray, reference: np.ndarray) -> float:

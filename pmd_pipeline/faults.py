@@ -7,7 +7,8 @@ variable (every real run) a crash point is a dictionary lookup and nothing else.
 Points: plan (a source's first plan part is written), fetch (a shard's first image arrived),
 write_tar (a tar is complete under its temporary name), before_stats (tar and parquet are in
 place, the completion marker is not), tokenize (a tokenized tar is complete under its temporary
-name), manifest (every shard is finished, the manifest is not written).
+name), tokenize_sidecar (the tokenized tar replaced the old one, its `_dvae.json` is not written),
+manifest (every shard is finished, the manifest is not written).
 """
 
 from __future__ import annotations

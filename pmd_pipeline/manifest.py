@@ -6,7 +6,7 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-from pmd_pipeline.config import BuildConfig
+from pmd_pipeline.config import INT8_SUFFIX, BuildConfig
 from pmd_pipeline.plan import PLAN_MARKER
 from shards.layout import atomic_write_json, plan_folder
 
@@ -76,11 +76,16 @@ def tokens_entry(out: Path, sources: dict) -> dict:
     if len(identities) > 1:
         return {"codebook": sorted(map(str, identities)), "random": False, "note": "MIXED codebooks: re-tokenize"}
     (identity,) = identities
+    int8 = (
+        "; int8 approximation of the encoder (each shard's _dvae.json has its measured agreement with fp32)"
+        if identity.endswith(INT8_SUFFIX)
+        else ""
+    )
     if identity.startswith("random"):
         note = (
             f"tokens from a randomly initialised dVAE encoder ({identity}): valid in shape and range, "
-            "meaningless in content; give [tokenize] codebook a real checkpoint for training"
+            "meaningless in content; give [tokenize] codebook a real checkpoint for training" + int8
         )
         return {"codebook": identity, "random": True, "note": note}
-    note = "tokens from the dVAE encoder weights with this sha256 (FlavaImageCodebook / DALL-E encoder.pkl)"
+    note = "tokens from the dVAE encoder weights with this sha256 (FlavaImageCodebook / DALL-E encoder.pkl)" + int8
     return {"codebook": identity, "random": False, "note": note}

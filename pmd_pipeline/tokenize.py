@@ -15,6 +15,7 @@ import os
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import webdataset as wds
 from pmd_pipeline.codebook import VOCAB_SIZE
 from pmd_pipeline.dvae import BadImage, DvaeTokenizer, encoder_pixels, token_problem
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.faults import crash_point
 from shards.layout import IMAGE_EXT, TOKENS_EXT, ShardPaths, atomic_write_json, temp_path_for
 
 SIDECAR_SUFFIX = "_dvae.json"
@@ -50,7 +52,7 @@ def needs_tokens(paths: ShardPaths, identity: str, force: bool) -> bool:
     if sidecar["codebook"] != identity and not force:
         raise PmdError(
             f"{paths.tar} was tokenized with codebook {sidecar['codebook']!r}, not {identity!r}; "
-            "run `pmd tokenize OUT --codebook PATH --force` to redo every shard with one codebook"
+            "run `pmd tokenize OUT --force` (with --codebook/--precision as wanted) to redo every shard alike"
         )
     return force
 
@@ -65,8 +67,10 @@ def tokenize_shard(paths: ShardPaths, tokenizer: DvaeTokenizer, identity: str, b
     _remove_stale_temp_files(paths)
     samples = read_samples(paths.tar)
     failures = add_tokens(samples, tokenizer, batch_size)
-    tar_bytes, tar_sha256 = rewrite_tar(paths.tar, samples)
+    tar_bytes, tar_sha256 = rewrite_tar(paths.tar, samples, before_rename=lambda: crash_point("tokenize", paths.out))
     sidecar = _sidecar(identity, samples, failures, tar_bytes, tar_sha256, time.time() - started)
+    sidecar.update(precision=tokenizer.precision, int8_agreement_vs_fp32=tokenizer.int8_agreement)
+    crash_point("tokenize_sidecar", paths.out)
     atomic_write_json(sidecar_path(paths), sidecar)  # last: marks the shard tokenized
     return sidecar
 
@@ -124,7 +128,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def rewrite_tar(path: Path, samples: list[dict]) -> tuple[int, str]:
+def rewrite_tar(path: Path, samples: list[dict], before_rename: Callable[[], None] = lambda: None) -> tuple[int, str]:
     """Write the samples to a temporary tar, fsync, rename over `path`; same fixed headers as shards/writer.py."""
     tmp = temp_path_for(path)
     digest = hashlib.sha256()
@@ -139,6 +143,7 @@ def rewrite_tar(path: Path, samples: list[dict]) -> tuple[int, str]:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         size = tmp.stat().st_size
+        before_rename()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -12,7 +12,9 @@ from pmd_pipeline.errors import PmdError
 from pmd_pipeline.tokenize_stage import saved_config, tokenize_output
 
 
-def tokenize_command(out: Path, codebook: str | None, force: bool, console: Console) -> bool:
+def tokenize_command(
+    out: Path, codebook: str | None, force: bool, console: Console, precision: str | None = None
+) -> bool:
     """Run the stage on a local Ray (or the build's cluster) and report; False when some shard failed."""
     if not out.is_dir():
         raise PmdError(f"{out} is not a folder; give a `pmd build` output")
@@ -21,7 +23,7 @@ def tokenize_command(out: Path, codebook: str | None, force: bool, console: Cons
     with Progress("[bold]tokenize", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("tokenize", total=None)
         progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
-        result = tokenize_output(out, codebook, force, progress)
+        result = tokenize_output(out, codebook, force, progress, precision)
     for failure in result["failed"]:
         console.print(f"[red]failed:[/] {failure} (re-run the same command to retry)", highlight=False)
     console.print(f"[bold]{out}[/]: {result['shards']} shards, {result['tokenized']} tokenized now")

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import json
 import logging
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import ray
 
 from pmd_pipeline.codebook import codebook_identity
 from pmd_pipeline.config import BuildConfig, TokenizeConfig
+from pmd_pipeline.dvae import PRECISIONS, BadImage, encoder_pixels, tokens_identity
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.tokenize import needs_tokens
-from shards.layout import ShardPaths
+from shards.layout import IMAGE_EXT, ShardPaths
+
+CALIBRATION_IMAGES = 32  # int8: half fit the activation ranges, half measure agreement with fp32
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +39,48 @@ def finished_shards(out: Path) -> list[ShardPaths]:
 
 def shards_to_tokenize(shards: list[ShardPaths], tcfg: TokenizeConfig, force: bool = False) -> list[ShardPaths]:
     """Shards without tokens of this codebook; refuses (PmdError) to mix codebooks unless `force`."""
-    identity = codebook_identity(tcfg.codebook, tcfg.seed)
+    if tcfg.precision not in PRECISIONS:
+        raise PmdError(f"[tokenize] precision {tcfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+    identity = tokens_identity(codebook_identity(tcfg.codebook, tcfg.seed), tcfg.precision)
     return [s for s in shards if needs_tokens(s, identity, force)]
 
 
+def calibration_pixels(shards: list[ShardPaths], count: int = CALIBRATION_IMAGES) -> np.ndarray:
+    """Encoder pixels of the first `count` decodable images of the build, in shard order (int8's calibration).
+
+    Taken from every finished shard, not only those left to do, so a resumed run calibrates identically.
+    """
+    pixels = []
+    for paths in shards:
+        with tarfile.open(paths.tar) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(f".{IMAGE_EXT}"):
+                    try:
+                        pixels.append(encoder_pixels(tar.extractfile(member).read()))
+                    except BadImage:
+                        continue
+                    if len(pixels) == count:
+                        return np.stack(pixels)
+    if len(pixels) < 2:
+        raise PmdError(f"dVAE precision int8 calibrates on the build's images, and it has {len(pixels)}; use fp32")
+    return np.stack(pixels)
+
+
 def tokenize_shards(
-    tcfg: TokenizeConfig, todo: list[ShardPaths], force: bool = False, on_progress: Callable | None = None
+    tcfg: TokenizeConfig,
+    todo: list[ShardPaths],
+    force: bool = False,
+    on_progress: Callable | None = None,
+    all_shards: list[ShardPaths] | None = None,
 ) -> list[str]:
-    """Tokenize `todo` on an actor pool; returns the tars that failed (a re-run redoes them)."""
+    """Tokenize `todo` on an actor pool; returns the tars that failed (a re-run redoes them).
+
+    `all_shards` (default `todo`): every finished shard of the build, where int8 finds its calibration images.
+    """
     if not todo:
         return []
-    actors = _start_actors(tcfg, min(len(todo), _actor_count(tcfg)))
+    calibration = calibration_pixels(all_shards or todo) if tcfg.precision == "int8" else None
+    actors = _start_actors(tcfg, min(len(todo), _actor_count(tcfg)), calibration)
     failed: list[str] = []
     queue = list(reversed(todo))
     in_flight: dict = {}
@@ -74,7 +110,7 @@ def _actor_count(tcfg: TokenizeConfig) -> int:
     return tcfg.actors or gpus or 1
 
 
-def _start_actors(tcfg: TokenizeConfig, count: int) -> list:
+def _start_actors(tcfg: TokenizeConfig, count: int, calibration: np.ndarray | None) -> list:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus:
         options = {"num_gpus": 1, "num_cpus": 1}
@@ -82,7 +118,7 @@ def _start_actors(tcfg: TokenizeConfig, count: int) -> list:
     else:
         threads = max(1, int(ray.available_resources().get("CPU", 1)) // count)
         options = {"num_cpus": threads}
-    actors = [TokenizeActor.options(**options).remote(tcfg, threads) for _ in range(count)]
+    actors = [TokenizeActor.options(**options).remote(tcfg, threads, calibration) for _ in range(count)]
     ray.get([a.ready.remote() for a in actors])  # a bad codebook fails here, once, with its message
     return actors
 
@@ -91,7 +127,7 @@ def _start_actors(tcfg: TokenizeConfig, count: int) -> list:
 class TokenizeActor:
     """Loads the encoder once and tokenizes whole shards with it."""
 
-    def __init__(self, tcfg: TokenizeConfig, threads: int):
+    def __init__(self, tcfg: TokenizeConfig, threads: int, calibration: np.ndarray | None):
         import torch
 
         from pmd_pipeline.codebook import load_codebook
@@ -99,8 +135,8 @@ class TokenizeActor:
 
         torch.set_num_threads(threads)
         codebook = load_codebook(tcfg.codebook, tcfg.seed)
-        self.identity = codebook.identity
-        self.tokenizer = DvaeTokenizer(codebook.model, tcfg.precision)
+        self.tokenizer = DvaeTokenizer(codebook.model, tcfg.precision, calibration=calibration)
+        self.identity = tokens_identity(codebook.identity, self.tokenizer.precision)
         self.batch_size = tcfg.batch_size or default_batch_size(self.tokenizer.device)
 
     def ready(self) -> str:
@@ -126,7 +162,9 @@ def saved_config(out: Path) -> BuildConfig:
     return config_from_dict(saved, base_dir=out.resolve())
 
 
-def tokenize_output(out: Path, codebook: str | None = None, force: bool = False, on_progress=None) -> dict:
+def tokenize_output(
+    out: Path, codebook: str | None = None, force: bool = False, on_progress=None, precision: str | None = None
+) -> dict:
     """`pmd tokenize OUT`: add (or, with force, redo) tokens in every finished shard, then rewrite the manifest."""
     from pmd_pipeline.manifest import write_manifest
     from shards.layout import atomic_write_json
@@ -134,11 +172,13 @@ def tokenize_output(out: Path, codebook: str | None = None, force: bool = False,
     cfg = saved_config(out)
     if codebook is not None:
         cfg.tokenize.codebook = str(Path(codebook).expanduser().resolve()) if codebook else ""
+    if precision is not None:
+        cfg.tokenize.precision = precision
     shards = finished_shards(out)
     if not shards:
         raise PmdError(f"{out} has no finished shards to tokenize; run `pmd build` first")
     todo = shards_to_tokenize(shards, cfg.tokenize, force)
-    failed = tokenize_shards(cfg.tokenize, todo, force, on_progress)
+    failed = tokenize_shards(cfg.tokenize, todo, force, on_progress, all_shards=shards)
     if failed:
         return {"shards": len(shards), "tokenized": len(todo) - len(failed), "failed": failed, "manifest": None}
     saved = json.loads((out / "config.json").read_text())

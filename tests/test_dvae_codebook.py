@@ -224,3 +224,34 @@ def test_encoder_pixels_are_lanczos_112_and_mapped():
     with pytest.raises(BadImage) as err:
         encoder_pixels(b"<html>")
     assert err.value.reason == "dvae_decode_error"
+
+
+def test_auto_precision_is_fp32_on_cpus_and_unknown_precisions_are_refused():
+    model = FlavaImageCodebook(FlavaImageCodebookConfig(**SMALL))
+    assert DvaeTokenizer(model, "auto", "cpu").precision == "fp32"  # bf16 measured slower on CPUs without AMX
+    with pytest.raises(PmdError, match="precision 'fp16' is not one of"):
+        DvaeTokenizer(model, "fp16", "cpu")
+
+
+def test_int8_tokens_are_valid_deterministic_and_their_agreement_is_measured_on_held_out_images():
+    torch.manual_seed(0)
+    model = FlavaImageCodebook(FlavaImageCodebookConfig(**SMALL)).eval()
+    calibration = pixels(6, seed=1)
+    a = DvaeTokenizer(model, "int8", "cpu", calibration=calibration)
+    b = DvaeTokenizer(model, "int8", "cpu", calibration=calibration)
+    images = pixels(3, seed=2)
+    tokens = a.tokens(images)
+    assert a.precision == "int8" and tokens.shape == (3, 14, 14) and tokens.dtype == np.uint16
+    assert all(token_problem(grid) is None for grid in tokens)
+    assert np.array_equal(tokens, b.tokens(images))  # same calibration images -> same tokens (resume is exact)
+    assert not any(isinstance(m, nn.Conv2d) and type(m) is nn.Conv2d for m in a.model.modules())  # really int8
+    held_out = calibration[3:]  # the second half is only compared, never fitted
+    exact = DvaeTokenizer(model, "fp32", "cpu").tokens(held_out)
+    assert a.int8_agreement == pytest.approx(agreement(a.tokens(held_out), exact))
+    assert DvaeTokenizer(model, "fp32", "cpu").int8_agreement is None
+
+
+def test_int8_needs_calibration_images():
+    model = FlavaImageCodebook(FlavaImageCodebookConfig(**SMALL))
+    with pytest.raises(PmdError, match="at least 2 calibration images"):
+        DvaeTokenizer(model, "int8", "cpu", calibration=pixels(1))

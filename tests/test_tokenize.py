@@ -13,9 +13,10 @@ import webdataset as wds
 from PIL import Image
 
 from pmd_pipeline.codebook import load_codebook
-from pmd_pipeline.dvae import DvaeTokenizer, encoder_pixels
+from pmd_pipeline.dvae import INT8_SUFFIX, DvaeTokenizer, encoder_pixels
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.tokenize import read_samples, rewrite_tar, sidecar_path, tokenize_shard
+from pmd_pipeline.tokenize_stage import calibration_pixels
 from shards.layout import ShardPaths, atomic_write_json
 from tests.test_dvae_codebook import small_hf_folder
 
@@ -73,6 +74,8 @@ def test_bad_token_arrays_are_failed_samples_not_crashes(tmp_path, small):
     _, identity, tokenizer = small
 
     class WrongTokenizer:
+        precision, int8_agreement = "fp32", None
+
         def tokens(self, pixels):
             return np.full((len(pixels), 14, 14), 9000, np.uint16)  # out of the codebook's range
 
@@ -171,3 +174,27 @@ def test_build_tokenizes_every_image_shard_and_pmd_tokenize_redoes_them(ray_sess
     same = runner.invoke(app, ["tokenize", str(out)])
     assert same.exit_code == 0, same.output
     assert mtimes == [p.stat().st_mtime_ns for p in sidecars]  # nothing redone
+
+    # int8 tokens are an approximation with their own identity: refused over fp32 ones without --force
+    refused = runner.invoke(app, ["tokenize", str(out), "--precision", "int8"])
+    message = " ".join(refused.output.split())  # rich wraps long lines
+    assert refused.exit_code == 2 and "int8 approximation" in message and "--force" in message
+    redone = runner.invoke(app, ["tokenize", str(out), "--precision", "int8", "--force"])
+    assert redone.exit_code == 0, redone.output
+    for path in sidecars:
+        sidecar = json.loads(path.read_text())
+        assert sidecar["codebook"] == identity + INT8_SUFFIX and sidecar["precision"] == "int8"
+        assert 0.0 <= sidecar["int8_agreement_vs_fp32"] <= 1.0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokens"]["codebook"] == identity + INT8_SUFFIX and "int8" in manifest["tokens"]["note"]
+    bad = runner.invoke(app, ["tokenize", str(out), "--precision", "fp8"])
+    assert bad.exit_code == 2 and "precision 'fp8' is not one of" in bad.output
+
+
+def test_int8_calibration_images_come_from_every_shard_in_order_and_skip_bad_images(tmp_path):
+    first, second = make_shard(tmp_path / "a", n=1), make_shard(tmp_path / "b", n=3)
+    expected = [encoder_pixels(jpeg(0)), *(encoder_pixels(jpeg(i)) for i in range(3))]
+    np.testing.assert_array_equal(calibration_pixels([first, second], count=4), np.stack(expected))
+    np.testing.assert_array_equal(calibration_pixels([first, second], count=2), np.stack(expected[:2]))
+    with pytest.raises(PmdError, match="int8 calibrates on the build's images, and it has 1"):
+        calibration_pixels([first])
