@@ -23,12 +23,15 @@ PMD = [sys.executable, "-m", "pmd_pipeline.cli"]
 KILL_POINTS = ["plan", "fetch", "write_tar", "before_stats", "manifest"]
 
 
-def start_build(out: Path, ray_address: str, pause_at: str | None = None) -> subprocess.Popen:
+NO_TOKENS = ["--no-tokenize"]
+
+
+def start_build(out: Path, ray_address: str, pause_at: str | None = None, args=NO_TOKENS) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != PAUSE_ENV}
     if pause_at:
         env[PAUSE_ENV] = pause_at
     return subprocess.Popen(
-        [*PMD, "build", "--out", str(out), "--ray-address", ray_address, "--no-tokenize"],
+        [*PMD, "build", "--out", str(out), "--ray-address", ray_address, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -49,11 +52,11 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def rerun_to_completion(out: Path, ray_address: str) -> str:
+def rerun_to_completion(out: Path, ray_address: str, args=NO_TOKENS) -> str:
     for marker in out.glob("_paused_at_*"):
         marker.unlink()  # the crash harness's own file, not part of a build
     rerun = subprocess.run(
-        [*PMD, "build", "--out", str(out), "--ray-address", ray_address, "--no-tokenize"],
+        [*PMD, "build", "--out", str(out), "--ray-address", ray_address, *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -97,4 +100,58 @@ def test_sigkill_at_random_moments_repeatedly_then_rerun_equals_uninterrupted(em
         time.sleep(rng.uniform(2.0, 10.0))
         kill_group(proc)
     rerun_to_completion(out, ray_session)
+    assert_same_as_uninterrupted(out, reference)
+
+
+# --- kills during the dVAE token stage (a small codebook of the real layout keeps it quick) ---
+
+
+@pytest.fixture(scope="module")
+def tokenized_reference(ray_session, tmp_path_factory):
+    """An uninterrupted build with tokens, and the `pmd build` arguments that make the same one."""
+    from pmd_pipeline.config import TokenizeConfig
+    from tests.helpers import build_embedded
+    from tests.test_dvae_codebook import small_hf_folder
+
+    codebook = small_hf_folder(tmp_path_factory.mktemp("codebook") / "small")
+    out = tmp_path_factory.mktemp("tokenized") / "pmd_out"
+    assert not build_embedded(out, tokenize=TokenizeConfig(codebook=str(codebook))).failed
+    assert list(out.glob("*/*_dvae.json")), "the reference build has tokens"
+    return out, ["--codebook", str(codebook)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["tokenize", "tokenize_sidecar"])
+def test_sigkill_during_tokenize_then_rerun_equals_uninterrupted(point, tokenized_reference, ray_session, tmp_path):
+    reference, args = tokenized_reference
+    out = tmp_path / "killed"
+    proc = start_build(out, ray_session, pause_at=point, args=args)
+    wait_for(lambda: (out / f"_paused_at_{point}").exists() or proc.poll() is not None, timeout=300)
+    assert proc.poll() is None, f"the build ended before reaching {point}: {proc.stdout.read().decode()[-2000:]}"
+    if point == "tokenize":  # a tokenized tar waits under its temporary name, the old tar is still in place
+        assert list(out.glob("*/.*.tar.*.tmp"))
+    kill_group(proc)
+    assert not (out / "manifest.json").exists()
+    rerun_to_completion(out, ray_session, args)
+    assert_same_as_uninterrupted(out, reference)
+    assert sorted(p.name for p in out.glob("*/*_dvae.json")) == sorted(p.name for p in reference.glob("*/*_dvae.json"))
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_of_the_token_stage_then_rerun_equals_uninterrupted(
+    tokenized_reference, ray_session, tmp_path
+):
+    """Two kills at seeded random moments of the token stage (after it has finished one more shard)."""
+    reference, args = tokenized_reference
+    out = tmp_path / "killed"
+    rng = random.Random(11)
+    for _ in range(2):
+        tokenized = len(list(out.glob("*/*_dvae.json")))
+        proc = start_build(out, ray_session, args=args)
+        in_token_stage = lambda p=proc, n=tokenized: len(list(out.glob("*/*_dvae.json"))) > n or p.poll() is not None  # noqa: E731
+        wait_for(in_token_stage, timeout=300)
+        time.sleep(rng.uniform(0.0, 1.5))
+        assert proc.poll() is None, "the build finished before the kill: too few shards left to tokenize"
+        kill_group(proc)
+    rerun_to_completion(out, ray_session, args)
     assert_same_as_uninterrupted(out, reference)
