@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from pmd_pipeline.config import BuildConfig, load_config
@@ -107,13 +108,13 @@ def _run_build(cfg: BuildConfig):
 
 def _report_build(cfg: BuildConfig, result) -> None:
     console.print(
-        f"[bold]{cfg.out}[/]: {result.shards_total} shards, {result.shards_done} built now, "
+        f"[bold]{escape(str(cfg.out))}[/]: {result.shards_total} shards, {result.shards_done} built now, "
         f"{result.shards_skipped} already finished, {len(result.shards_failed)} failed"
     )
     for source, why in result.sources_failed.items():
-        console.print(f"[red]source {source} failed:[/] {why}")
+        console.print(f"[red]source {source} failed:[/] {escape(str(why))}", highlight=False)
     for shard in result.shards_failed:
-        console.print(f"[red]failed:[/] {shard} (re-run the same command to retry it)")
+        console.print(f"[red]failed:[/] {escape(str(shard))} (re-run the same command to retry it)", highlight=False)
     if result.manifest:
         totals = result.manifest["totals"]
         console.print(
@@ -221,7 +222,8 @@ def _errors_as_messages():
         yield
     except PmdError as err:
         cause = getattr(err, "cause", None)
-        console.print(f"[red]error:[/] {cause if isinstance(cause, PmdError) else err}", highlight=False)
+        message = str(cause if isinstance(cause, PmdError) else err)
+        console.print(f"[red]error:[/] {escape(message)}", highlight=False)  # messages quote [sections]
         raise typer.Exit(2) from None
 
 

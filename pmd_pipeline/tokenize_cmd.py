@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from pmd_pipeline.build import start_ray
@@ -25,8 +26,8 @@ def tokenize_command(
         progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
         result = tokenize_output(out, codebook, force, progress, precision)
     for failure in result["failed"]:
-        console.print(f"[red]failed:[/] {failure} (re-run the same command to retry)", highlight=False)
-    console.print(f"[bold]{out}[/]: {result['shards']} shards, {result['tokenized']} tokenized now")
+        console.print(f"[red]failed:[/] {escape(failure)} (re-run the same command to retry)", highlight=False)
+    console.print(f"[bold]{escape(str(out))}[/]: {result['shards']} shards, {result['tokenized']} tokenized now")
     if result["manifest"]:
-        console.print(f"codebook: {result['manifest']['tokens']['note']}", highlight=False)
+        console.print(f"codebook: {result['manifest']['tokens']['note']}", markup=False, highlight=False)
     return not result["failed"]

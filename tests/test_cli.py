@@ -49,6 +49,12 @@ def test_unknown_filter(tmp_path):
     one_line_error(run("build", "--config", str(cfg)), "unknown filter 'nsfw'", "caption_length")
 
 
+def test_messages_keep_their_brackets(tmp_path):
+    """rich would read '[sources.coco]' in a message as a style tag and drop it."""
+    cfg = write_config(tmp_path, "[sources]\ncoco = 3\n")
+    one_line_error(run("build", "--config", str(cfg)), "[sources.coco] must be a table")
+
+
 def test_unknown_config_key(tmp_path):
     cfg = write_config(tmp_path, "shard_sise = 10\n")
     one_line_error(run("build", "--config", str(cfg)), "unknown key(s) shard_sise")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pmd_pipeline.errors import PmdError
@@ -33,7 +34,8 @@ def run_stats(
         if report["manifest_tokens"]:
             tokens = report["manifest_tokens"]
             random = " [red](random codebook)[/]" if tokens.get("random") else ""
-            console.print(f"tokens: {tokens.get('codebook')}{random}: {tokens.get('note', '')}", highlight=False)
+            note = escape(tokens.get("note", ""))
+            console.print(f"tokens: {escape(str(tokens.get('codebook')))}{random}: {note}", highlight=False)
     if plots is not None:
         from pmd_pipeline.inspect.plots import write_plots
 

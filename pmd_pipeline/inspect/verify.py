@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pmd_pipeline.errors import PmdError
@@ -218,7 +219,7 @@ def _report(checks: dict[str, list[ShardCheck]]) -> None:
     console.print(table)
     listed = [f"{c.tar}: {p}" for cs in checks.values() for c in cs for p in c.problems]
     for line in listed[:MAX_LISTED]:
-        console.print(f"[red]✗[/] {line}", highlight=False)
+        console.print(f"[red]✗[/] {escape(line)}", highlight=False)
     if len(listed) > MAX_LISTED:
         console.print(f"... and {len(listed) - MAX_LISTED} more problems", highlight=False)
     if not listed:
