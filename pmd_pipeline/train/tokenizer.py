@@ -11,11 +11,24 @@ from pmd_pipeline.errors import PmdError
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def prepare_tokenizer(configured: str, run_dir: Path, text_tars: list[str], vocab_size: int) -> Path:
-    """The folder to load with AutoTokenizer; a trained vocabulary is saved in the run (and reused on resume)."""
+def prepare_tokenizer(
+    configured: str, run_dir: Path, text_tars: list[str], vocab_size: int, pretrained: str = ""
+) -> Path:
+    """The folder to load with AutoTokenizer; a trained vocabulary is saved in the run (and reused on resume).
+
+    A pretrained checkpoint's text embeddings only make sense with its own vocabulary: with `pretrained`
+    and no tokenizer configured, the checkpoint folder's tokenizer is used, and none there is an error.
+    """
+    if not configured and pretrained:
+        if not _has_tokenizer(Path(pretrained)):
+            raise PmdError(
+                f"the pretrained checkpoint {pretrained} has no tokenizer files; set `tokenizer` to the folder of "
+                "the vocabulary it was trained with (e.g. a local copy of bert-base-uncased for flava-full)"
+            )
+        configured = pretrained
     if configured:
         folder = Path(configured)
-        if not (folder / "tokenizer.json").exists() and not (folder / "vocab.txt").exists():
+        if not _has_tokenizer(folder):
             raise PmdError(f"tokenizer folder {folder} has neither tokenizer.json nor vocab.txt")
         return folder
     folder = run_dir / "tokenizer"
@@ -26,6 +39,10 @@ def prepare_tokenizer(configured: str, run_dir: Path, text_tars: list[str], voca
         raise PmdError("no text in the shards to train a WordPiece vocabulary on; set `tokenizer` to a local folder")
     train_wordpiece(texts, vocab_size).save_pretrained(str(folder))
     return folder
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").exists() or (folder / "vocab.txt").exists()
 
 
 def train_wordpiece(texts: list[str], vocab_size: int):

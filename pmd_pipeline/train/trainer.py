@@ -35,9 +35,10 @@ def train(cfg: TrainConfig, resume: bool = False, say=print) -> Path:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(as_dict(cfg), indent=1) + "\n")
-        tok_dir = prepare_tokenizer(cfg.tokenizer, run_dir, report.tars["pairs"] + report.tars["text"], cfg.vocab_size)
+        text_tars = report.tars["pairs"] + report.tars["text"]
+        tok_dir = prepare_tokenizer(cfg.tokenizer, run_dir, text_tars, cfg.vocab_size, cfg.model.pretrained)
     _barrier(world)
-    tok_dir = prepare_tokenizer(cfg.tokenizer, run_dir, [], cfg.vocab_size) if rank else tok_dir
+    tok_dir = prepare_tokenizer(cfg.tokenizer, run_dir, [], cfg.vocab_size, cfg.model.pretrained) if rank else tok_dir
     _seed_everything(cfg.seed + rank)
     from transformers import AutoTokenizer
 
