@@ -65,7 +65,8 @@ def caption_length_chart(rows: dict, report: dict, path: Path) -> Path:
         if summary["paper"]:
             mean = summary["paper"]["mean_words"]
             ax.axvline(mean, color="#c44e52", linestyle="--", label=f"paper mean {mean:g}")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # an image-only source has neither mean to mark
+            ax.legend(fontsize=8)
     return _save(fig, path)
 
 
