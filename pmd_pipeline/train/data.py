@@ -181,7 +181,11 @@ class PackedBatch:
             layout.append((key, dtype, shape, total))
             total += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
         if shared:  # allocated in shared memory directly, as DataLoader's own collate does: no copy to send it
-            buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
+            new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # private; the public way copies
+            if new_shared is not None:
+                buffer = torch.empty(0, dtype=torch.uint8).set_(new_shared(total))
+            else:
+                buffer = torch.empty(total, dtype=torch.uint8).share_memory_()
         else:
             buffer = torch.empty(total, dtype=torch.uint8)
         flat = buffer.numpy()
