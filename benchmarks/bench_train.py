@@ -63,16 +63,19 @@ def loader_figures(tars: list[str], tok: str) -> dict:
 
 
 def _loader_rate(tars, tok) -> tuple[float, float]:
-    batches = make_loader(TaskStream("pairs", tars, tok, BATCH, 32, 0, 0, 1), workers=2)
-    for _ in range(2):  # one batch per worker: start-up (process, tokenizer, look-ahead) is not throughput
+    workers = 2
+    batches = make_loader(TaskStream("pairs", tars, tok, BATCH, 32, 0, 0, 1), workers=workers)
+    # One batch per worker is start-up (process, tokenizer, look-ahead), not throughput; then the batches
+    # the workers queued meanwhile (prefetch_factor 2 each) would arrive at no cost inside the timed window.
+    for _ in range(workers + workers * 2):
         next(batches)
-    workers = _children()
-    cpu = time.process_time() + sum(_cpu_seconds(pid) for pid in workers)
+    pids = _children()
+    cpu = time.process_time() + sum(_cpu_seconds(pid) for pid in pids)
     started = time.perf_counter()
     for _ in range(LOADER_BATCHES):
         next(batches)
     rate = LOADER_BATCHES * BATCH / (time.perf_counter() - started)
-    cpu = time.process_time() + sum(_cpu_seconds(pid) for pid in workers) - cpu
+    cpu = time.process_time() + sum(_cpu_seconds(pid) for pid in pids) - cpu
     batches.close()  # workers stop here, not while the plain loop is being timed
     return rate, cpu / (LOADER_BATCHES * BATCH)
 
