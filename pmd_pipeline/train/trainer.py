@@ -264,9 +264,10 @@ def _fsdp_snapshot(tasks, optimizer, scalars: set[str], device: torch.device):
     offload_to_cpu only off the CPU: on a CPU device (gloo) FSDP's "offload" is a no-op move followed by
     freeing the gathered parameters, so the state dict would read freed memory (a segfault in torch 2.13).
     """
-    offload = device.type != "cpu"
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    offload = device.type != "cpu"
 
     def snapshot():
         with FSDP.state_dict_type(
