@@ -105,6 +105,38 @@ def test_corrupt_samples_are_counted_and_replaced(tmp_path, pmd):
     assert batch["failures"] == reasons
 
 
+def test_fast_tokenizer_path_equals_the_hugging_face_call(pmd):
+    from pmd_pipeline.train.data import _Tokenizer
+
+    _, _, tok = pmd
+    texts = ["a red dog", "", "A BLUE car on the old tree " * 9, "café naïve 東京 [MASK] [SEP] x", "  spaced   out  "]
+    for max_length in (8, 24):
+        tokenizer = _Tokenizer(tok, max_length)
+        assert tokenizer.backend is not None
+        ids, attention = tokenizer.encode(texts)
+        ref_ids, ref_attention = tokenizer.reference(texts)
+        assert ids.dtype == attention.dtype == np.int64 and ids.shape == (len(texts), max_length)
+        assert (ids == ref_ids).all() and (attention == ref_attention).all()
+
+
+def test_packed_batches_unpack_to_the_same_tensors(pmd):
+    import torch
+
+    from pmd_pipeline.train.data import PackedBatch
+
+    rng = np.random.default_rng(0)
+    hwc = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(3)]
+    arrays = {"mask": rng.random((3, 196)) < 0.4, "ids": rng.integers(-100, 9000, (3, 7)), "one": np.ones(3, np.int64)}
+    for shared in (False, True):
+        batch = PackedBatch.build(arrays, [p.transpose(2, 0, 1) for p in hwc], {"failures": {"x": 1}}, shared).unpack()
+        expected = torch.from_numpy(np.stack([p.transpose(2, 0, 1) for p in hwc]))
+        assert batch["pixel_values"].stride() == expected.stride()  # channels-last memory, as np.stack gave
+        assert torch.equal(batch["pixel_values"], expected) and batch["failures"] == {"x": 1}
+        for key, array in arrays.items():
+            expected = torch.from_numpy(array)
+            assert batch[key].dtype == expected.dtype and torch.equal(batch[key], expected)
+
+
 def _take(stream, n, workers=0):
     loader = make_loader(stream, workers)
     return [next(loader) for _ in range(n)]

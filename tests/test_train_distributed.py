@@ -1,7 +1,12 @@
-"""Two CPU processes (gloo): global contrastive gradients, same task on every rank, no hang on data failure."""
+"""Two CPU processes (gloo): global contrastive gradients, same task on every rank, no hang on data failure,
+and the trainer under FSDP (same losses as DDP, full checkpoints on rank 0, exact resume)."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -11,7 +16,8 @@ from torch.nn import functional as F
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.train.losses import global_contrastive
 from pmd_pipeline.train.sampling import task_for_step
-from pmd_pipeline.train.trainer import _next_batch_everywhere
+from pmd_pipeline.train.trainer import _next_batch_everywhere, train
+from tests.train_fixtures import make_pmd
 
 WORLD, BATCH = 2, 4
 
@@ -74,3 +80,45 @@ def test_two_ranks_match_the_full_batch_and_each_other(tmp_path):
     # The gradient reaches the other rank's rows only through the all-gather: without it they would differ.
     assert by_rank[0][1] == by_rank[1][1]  # same task at every step on every rank
     assert by_rank[0][2] and by_rank[1][2]  # rank 1 ran out of data: both ranks stop, neither hangs
+
+
+def _train_worker(rank: int, init_file: str, shards: str, run_dir: str, fsdp: bool, resume: bool):
+    from tests.test_train_run import _config
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        cfg = _config(shards, run_dir, batch_size=4, steps=6, lr=2e-3)
+        cfg.checkpoint_every, cfg.fsdp = 3, fsdp
+        train(cfg, resume=resume, say=lambda _: None)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn_training(tmp_path, name: str, shards, run_dir, fsdp: bool, resume: bool = False) -> list[dict]:
+    args = (str(tmp_path / f"init_{name}"), str(shards), str(run_dir), fsdp, resume)
+    mp.spawn(_train_worker, args=args, nprocs=WORLD, join=True)
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_fsdp_trains_like_ddp_and_resumes_exactly_from_its_full_checkpoint(tmp_path):
+    shards = make_pmd(tmp_path / "pmd", per_shard=24, shards=2)
+    ddp = _spawn_training(tmp_path, "ddp", shards, tmp_path / "ddp", fsdp=False)
+    whole = _spawn_training(tmp_path, "fsdp", shards, tmp_path / "fsdp", fsdp=True)
+    assert [r["task"] for r in whole] == [r["task"] for r in ddp] and "pairs" in {r["task"] for r in whole[3:]}
+    for a, b in zip(ddp, whole, strict=True):  # same start (rank 0's weights), same averaged gradients
+        assert a["losses"] == pytest.approx(b["losses"], rel=1e-4, abs=1e-5)
+
+    # The checkpoint holds the whole model in the plain model's keys and shapes, gathered on rank 0.
+    state = torch.load(tmp_path / "fsdp" / "checkpoints" / "step_00000003.pt", weights_only=False)
+    plain = torch.load(tmp_path / "ddp" / "checkpoints" / "step_00000003.pt", weights_only=False)
+    assert {k: v.shape for k, v in state["model"].items()} == {k: v.shape for k, v in plain["model"].items()}
+
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "fsdp", cut)
+    (cut / "checkpoints" / "step_00000006.pt").unlink()
+    (cut / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in whole[:3]))
+    resumed = _spawn_training(tmp_path, "resume", shards, cut, fsdp=True, resume=True)
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for a, b in zip(whole[3:], resumed[3:], strict=True):
+        assert a["task"] == b["task"]
+        assert a["losses"] == pytest.approx(b["losses"], rel=1e-5, abs=1e-6)

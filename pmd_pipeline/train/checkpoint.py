@@ -10,14 +10,17 @@ import numpy as np
 import torch
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, consumed: dict[str, int]) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, model_state: dict, optimizer_state: dict, scheduler, consumed: dict[str, int]
+) -> Path:
+    """model_state/optimizer_state: whole (unsharded) state dicts; the caller gathers them under FSDP."""
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:08d}.pt"
     state = {
         "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "consumed_batches": dict(consumed),  # the data position: batches taken per task
         "rng": {
@@ -38,15 +41,13 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"]
+def read_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def restore_rng(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
-    return state

@@ -13,6 +13,7 @@ from pmd_pipeline.train.config import ModelConfig
 from pmd_pipeline.train.losses import global_contrastive
 
 IGNORE = -100
+LOGIT_SCALE_MAX = 4.6052  # ln 100, FLAVA's own bound
 # FLAVA's image processor normalisation (the CLIP statistics), applied on the training device.
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -85,8 +86,7 @@ class FlavaTasks(nn.Module):
         flava = self.model.flava
         image = F.normalize(flava.image_projection(out.image_embeddings[:, 0]), dim=-1)
         text = F.normalize(flava.text_projection(out.text_embeddings[:, 0]), dim=-1)
-        with torch.no_grad():
-            flava.logit_scale.clamp_(0, 4.6052)
+        self.clamp_temperature()
         contrastive = global_contrastive(image, text, flava.logit_scale, positive=b["itm_labels"].bool())
         losses = out.loss_info
         return {
@@ -95,6 +95,15 @@ class FlavaTasks(nn.Module):
             "mmm_text": losses.mmm_text,
             "itm": losses.itm,
         }
+
+    def clamp_temperature(self) -> None:
+        """FLAVA's bound on the contrastive temperature (logit scale in [0, ln 100]), in place on the stored value.
+
+        Through .data, as the stock model does: under FSDP the parameter is a view of the gathered flat
+        parameter here, and autograd refuses in-place changes to such views. FSDP frees that gathered copy
+        after the forward, so the trainer clamps its shard again after the optimizer step (train_step).
+        """
+        self.model.flava.logit_scale.data.clamp_(0, LOGIT_SCALE_MAX)
 
     def image(self, b: dict) -> dict[str, torch.Tensor]:
         # Only the masked image pass: the stock forward would also run an unmasked pass nothing uses here.
