@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.train.checkpoint import restore_rng
 from pmd_pipeline.train.losses import global_contrastive
 from pmd_pipeline.train.sampling import task_for_step
 from pmd_pipeline.train.trainer import _next_batch_everywhere, train
@@ -112,6 +113,10 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly_from_its_full_checkpoint(tmp_p
     state = torch.load(tmp_path / "fsdp" / "checkpoints" / "step_00000003.pt", weights_only=False)
     plain = torch.load(tmp_path / "ddp" / "checkpoints" / "step_00000003.pt", weights_only=False)
     assert {k: v.shape for k, v in state["model"].items()} == {k: v.shape for k, v in plain["model"].items()}
+    # every rank's RNG is saved (ranks are seeded apart), and a resumed rank gets back its own
+    assert len(state["rng"]) == WORLD and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    restore_rng(state["rng"], rank=1)
+    assert torch.equal(torch.get_rng_state(), state["rng"][1]["torch"])
 
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "fsdp", cut)

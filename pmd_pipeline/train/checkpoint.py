@@ -11,9 +11,16 @@ import torch
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model_state: dict, optimizer_state: dict, scheduler, consumed: dict[str, int]
+    run_dir: Path,
+    step: int,
+    model_state: dict,
+    optimizer_state: dict,
+    scheduler,
+    consumed: dict[str, int],
+    rng_states: list[dict] | None = None,
 ) -> Path:
-    """model_state/optimizer_state: whole (unsharded) state dicts; the caller gathers them under FSDP."""
+    """model_state/optimizer_state: whole (unsharded) state dicts; the caller gathers them under FSDP.
+    rng_states: every rank's `rng_state()`, in rank order (default: this process's only)."""
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:08d}.pt"
@@ -23,12 +30,7 @@ def save_checkpoint(
         "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "consumed_batches": dict(consumed),  # the data position: batches taken per task
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        },
+        "rng": rng_states or [rng_state()],  # one per rank: ranks are seeded apart and must stay apart
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -45,7 +47,19 @@ def read_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def restore_rng(rng: dict) -> None:
+def rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def restore_rng(states: list[dict] | dict, rank: int = 0) -> None:
+    """This rank's saved RNG state (a run resumed on more ranks than saved reuses them round-robin)."""
+    states = [states] if isinstance(states, dict) else states  # checkpoints from before per-rank states
+    rng = states[rank % len(states)]
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

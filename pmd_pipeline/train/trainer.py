@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from pmd_pipeline.errors import PmdError
-from pmd_pipeline.train.checkpoint import last_checkpoint, read_checkpoint, restore_rng, save_checkpoint
+from pmd_pipeline.train.checkpoint import last_checkpoint, read_checkpoint, restore_rng, rng_state, save_checkpoint
 from pmd_pipeline.train.config import TrainConfig, as_dict
 from pmd_pipeline.train.data import TaskStream, make_loader
 from pmd_pipeline.train.model import FlavaTasks, build_model
@@ -66,7 +66,7 @@ def train(cfg: TrainConfig, resume: bool = False, say=print) -> Path:
         saved = state["optimizer"]
         optimizer.load_state_dict(_fsdp_optim_to_load(tasks, optimizer, saved) if fsdp else saved)
         scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"])
+        restore_rng(state["rng"], rank)
     snapshot = _fsdp_snapshot(tasks, optimizer, scalars, device) if fsdp else _plain_snapshot(model, optimizer, rank)
     loaders = _Loaders(cfg, report, str(tok_dir), rank, world, consumed)
     _loop(cfg, tasks, snapshot, optimizer, scheduler, loaders, start, rank, world, device, report, run_dir, say)
@@ -247,8 +247,12 @@ def _next_batch_everywhere(loaders, task: str, world: int) -> dict:
 
 def _checkpoint(run_dir, step, snapshot, scheduler, consumed, rank, world):
     model_state, optimizer_state = snapshot()  # under FSDP a collective: every rank takes part
+    rng_states = [rng_state()]
+    if world > 1:
+        rng_states = [None] * world
+        dist.all_gather_object(rng_states, rng_state())
     if rank == 0:
-        save_checkpoint(run_dir, step, model_state, optimizer_state, scheduler, consumed)
+        save_checkpoint(run_dir, step, model_state, optimizer_state, scheduler, consumed, rng_states)
     _barrier(world)
 
 
