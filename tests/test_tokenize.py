@@ -186,7 +186,9 @@ def test_build_tokenizes_every_image_shard_and_pmd_tokenize_redoes_them(ray_sess
         assert sidecar["codebook"] == identity + INT8_SUFFIX and sidecar["precision"] == "int8"
         assert 0.0 <= sidecar["int8_agreement_vs_fp32"] <= 1.0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["tokens"]["codebook"] == identity + INT8_SUFFIX and "int8" in manifest["tokens"]["note"]
+    assert manifest["tokens"]["codebook"] == identity + INT8_SUFFIX
+    agreement = json.loads(sidecars[0].read_text())["int8_agreement_vs_fp32"]
+    assert f"int8 approximation of the encoder: {agreement:.1%} of grid cells" in manifest["tokens"]["note"]
     bad = runner.invoke(app, ["tokenize", str(out), "--precision", "fp8"])
     assert bad.exit_code == 2 and "precision 'fp8' is not one of" in bad.output
 
