@@ -72,7 +72,8 @@ def build(cfg: BuildConfig, on_progress: Callable[[int, int], None] | None = Non
     if result.failed:
         return result  # no manifest for an incomplete build; re-running finishes it
     if cfg.tokenize.enabled:  # only shards without tokens of this codebook
-        result.shards_failed += tokenize_shards(cfg.tokenize, shards_to_tokenize(shards, cfg.tokenize))
+        todo = shards_to_tokenize(shards, cfg.tokenize)
+        result.shards_failed += tokenize_shards(cfg.tokenize, todo, all_shards=shards)
     if result.failed:
         return result
     crash_point("manifest", cfg.out)

@@ -20,7 +20,7 @@ from pmd_pipeline.codebook import codebook_identity
 from pmd_pipeline.config import BuildConfig, TokenizeConfig
 from pmd_pipeline.dvae import PRECISIONS, BadImage, encoder_pixels, tokens_identity
 from pmd_pipeline.errors import PmdError
-from pmd_pipeline.tokenize import needs_tokens
+from pmd_pipeline.tokenize import needs_tokens, read_sidecar
 from shards.layout import IMAGE_EXT, ShardPaths
 
 CALIBRATION_IMAGES = 32  # int8: half fit the activation ranges, half measure agreement with fp32
@@ -66,6 +66,17 @@ def calibration_pixels(shards: list[ShardPaths], count: int = CALIBRATION_IMAGES
     return np.stack(pixels)
 
 
+def refuse_mixed_precision(shards: list[ShardPaths], precision: str, force: bool) -> None:
+    """fp32 and bf16 tokens of one codebook differ in ~2% of cells: a build holds one kind unless `force`."""
+    for paths in shards:
+        sidecar = read_sidecar(paths) or {}
+        if sidecar.get("precision", precision) != precision and not force:
+            raise PmdError(
+                f"{paths.tar} holds {sidecar['precision']} tokens and this run makes {precision} ones; set "
+                f'[tokenize] precision = "{sidecar["precision"]}", or redo every shard with `pmd tokenize OUT --force`'
+            )
+
+
 def tokenize_shards(
     tcfg: TokenizeConfig,
     todo: list[ShardPaths],
@@ -81,6 +92,12 @@ def tokenize_shards(
         return []
     calibration = calibration_pixels(all_shards or todo) if tcfg.precision == "int8" else None
     actors = _start_actors(tcfg, min(len(todo), _actor_count(tcfg)), calibration)
+    try:  # `auto` resolves on the actors' device, so only now is the precision known
+        refuse_mixed_precision(all_shards or todo, ray.get(actors[0].precision.remote()), force)
+    except PmdError:
+        for actor in actors:
+            ray.kill(actor)
+        raise
     failed: list[str] = []
     queue = list(reversed(todo))
     in_flight: dict = {}
@@ -141,6 +158,9 @@ class TokenizeActor:
 
     def ready(self) -> str:
         return self.identity
+
+    def precision(self) -> str:
+        return self.tokenizer.precision
 
     def tokenize(self, paths: ShardPaths, force: bool) -> dict:
         from pmd_pipeline.tokenize import tokenize_shard

@@ -16,7 +16,7 @@ from pmd_pipeline.codebook import load_codebook
 from pmd_pipeline.dvae import INT8_SUFFIX, DvaeTokenizer, encoder_pixels
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.tokenize import read_samples, rewrite_tar, sidecar_path, tokenize_shard
-from pmd_pipeline.tokenize_stage import calibration_pixels
+from pmd_pipeline.tokenize_stage import calibration_pixels, refuse_mixed_precision
 from shards.layout import ShardPaths, atomic_write_json
 from tests.test_dvae_codebook import small_hf_folder
 
@@ -200,3 +200,13 @@ def test_int8_calibration_images_come_from_every_shard_in_order_and_skip_bad_ima
     np.testing.assert_array_equal(calibration_pixels([first, second], count=2), np.stack(expected[:2]))
     with pytest.raises(PmdError, match="int8 calibrates on the build's images, and it has 1"):
         calibration_pixels([first])
+
+
+def test_a_build_holds_one_precision_of_tokens_unless_forced(tmp_path, small):
+    _, identity, tokenizer = small
+    first, second = make_shard(tmp_path / "a", n=1), make_shard(tmp_path / "b", n=1)
+    tokenize_shard(first, tokenizer, identity, batch_size=1)  # fp32 tokens
+    refuse_mixed_precision([first, second], "fp32", force=False)  # same precision, untokenized shard: fine
+    with pytest.raises(PmdError, match="holds fp32 tokens and this run makes bf16 ones"):
+        refuse_mixed_precision([first, second], "bf16", force=False)
+    refuse_mixed_precision([first, second], "bf16", force=True)
