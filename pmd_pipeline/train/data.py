@@ -139,8 +139,7 @@ class _Tokenizer:
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """input_ids and attention_mask, int64 [len(texts), max_length]."""
         if self.backend is None:  # a slow (Python) tokenizer: its own call
-            enc = self.hf(texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="np")
-            return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+            return self.reference(texts)
         encodings = self.backend.encode_batch(texts, add_special_tokens=True)
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         attention = np.array([e.attention_mask for e in encodings], dtype=np.int64)

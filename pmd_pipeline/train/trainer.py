@@ -54,14 +54,15 @@ def train(cfg: TrainConfig, resume: bool = False, say=print) -> Path:
         start, consumed = state["step"], Counter(state["consumed_batches"])
         say(f"resuming {run_dir} at step {start}")
     fsdp = cfg.fsdp and world > 1
+    tasks = FlavaTasks(model)
     if fsdp:  # FSDP shards (and reshapes) the parameters: the optimizer is built on what it leaves
-        no_decay = _no_decay_names(FlavaTasks(model))
-        tasks, scalars = _wrap(FlavaTasks(model), cfg, device, world)
+        no_decay = _no_decay_names(tasks)
+        tasks, scalars = _wrap(tasks, cfg, device, world)
         optimizer, scheduler = make_optimizer(tasks, cfg, no_decay)
         _init_adamw_state(optimizer)
     else:
         optimizer, scheduler = make_optimizer(model, cfg)
-        tasks, scalars = _wrap(FlavaTasks(model), cfg, device, world)
+        tasks, scalars = _wrap(tasks, cfg, device, world)
     if state is not None:
         saved = state["optimizer"]
         optimizer.load_state_dict(_fsdp_optim_to_load(tasks, optimizer, saved) if fsdp else saved)
