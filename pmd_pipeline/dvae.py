@@ -76,6 +76,11 @@ def default_batch_size(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 1
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise PmdError(f"dVAE precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
 def tokens_identity(codebook_identity: str, precision: str) -> str:
     """What a shard's tokens are recorded as: int8 tokens are an approximation, never mixed with exact ones."""
     return codebook_identity + (INT8_SUFFIX if precision == "int8" else "")
@@ -92,8 +97,7 @@ class DvaeTokenizer:
         calibration: np.ndarray | None = None,
     ):
         """`calibration`: encoder pixels [N, 3, 112, 112] from the data, needed by int8 only (see `quantize_int8`)."""
-        if precision not in PRECISIONS:
-            raise PmdError(f"dVAE precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        check_precision(precision)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" and bf16_is_native(self.device) else "fp32"

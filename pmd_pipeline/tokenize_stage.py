@@ -18,7 +18,7 @@ import ray
 
 from pmd_pipeline.codebook import codebook_identity
 from pmd_pipeline.config import BuildConfig, TokenizeConfig
-from pmd_pipeline.dvae import PRECISIONS, BadImage, encoder_pixels, tokens_identity
+from pmd_pipeline.dvae import BadImage, check_precision, encoder_pixels, tokens_identity
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.tokenize import needs_tokens, read_sidecar
 from shards.layout import IMAGE_EXT, ShardPaths
@@ -39,8 +39,7 @@ def finished_shards(out: Path) -> list[ShardPaths]:
 
 def shards_to_tokenize(shards: list[ShardPaths], tcfg: TokenizeConfig, force: bool = False) -> list[ShardPaths]:
     """Shards without tokens of this codebook; refuses (PmdError) to mix codebooks unless `force`."""
-    if tcfg.precision not in PRECISIONS:
-        raise PmdError(f"[tokenize] precision {tcfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+    check_precision(tcfg.precision)  # before any work, not first in the actors
     identity = tokens_identity(codebook_identity(tcfg.codebook, tcfg.seed), tcfg.precision)
     return [s for s in shards if needs_tokens(s, identity, force)]
 
@@ -90,10 +89,11 @@ def tokenize_shards(
     """
     if not todo:
         return []
-    calibration = calibration_pixels(all_shards or todo) if tcfg.precision == "int8" else None
+    all_shards = all_shards or todo
+    calibration = calibration_pixels(all_shards) if tcfg.precision == "int8" else None
     actors = _start_actors(tcfg, min(len(todo), _actor_count(tcfg)), calibration)
     try:  # `auto` resolves on the actors' device, so only now is the precision known
-        refuse_mixed_precision(all_shards or todo, ray.get(actors[0].precision.remote()), force)
+        refuse_mixed_precision(all_shards, ray.get(actors[0].precision.remote()), force)
     except PmdError:
         for actor in actors:
             ray.kill(actor)
