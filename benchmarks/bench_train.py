@@ -94,24 +94,26 @@ def _plain_rate(tars, tok=None) -> tuple[float, float]:
 
 def _children() -> list[int]:
     """This process's child processes (the DataLoader workers), from /proc."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid():
-            found.append(int(stat.parent.name))
-    return found
+    return [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat") if _ppid(stat) == os.getpid()]
+
+
+def _ppid(stat: Path) -> int | None:
+    fields = _stat_fields(stat)
+    return int(fields[1]) if fields else None
 
 
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (0 once it is gone)."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
+
+
+def _stat_fields(stat: Path) -> list[str] | None:
+    """/proc/PID/stat after the command name (which may hold spaces), or None for a process that is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return stat.read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None
 
 
 def step_figures(report, tok) -> dict:
