@@ -160,3 +160,22 @@ def test_fixture_sidecar_follows_the_contract(pmd):
     root, _, _ = pmd
     sidecar = json.loads((root / "cc3m" / "00000_dvae.json").read_text())
     assert len(sidecar["code_counts"]) == 8192 and sidecar["codebook_random"] is True
+
+
+def test_trained_vocabulary_is_the_same_on_every_run(pmd):
+    """The stock trainer numbers its `##c` pieces in hash order and breaks merge ties by those numbers:
+    on these captions eight trainings gave eight different vocabularies (tokenizers#1794)."""
+    from transformers import AutoTokenizer
+
+    from pmd_pipeline.train.tokenizer import _texts, train_wordpiece
+
+    root, report, tok = pmd
+    texts = list(_texts(report.tars["pairs"] + report.tars["text"]))
+    vocabularies = [train_wordpiece(texts, 200).get_vocab() for _ in range(6)]
+    assert all(vocabulary == vocabularies[0] for vocabulary in vocabularies)
+    saved = AutoTokenizer.from_pretrained(tok)  # what prepare_tokenizer saved with the run
+    assert saved.get_vocab() == vocabularies[0]
+    assert saved.all_special_tokens == ["[UNK]", "[SEP]", "[PAD]", "[CLS]", "[MASK]"]
+    ids = saved("A red red cat")["input_ids"]
+    assert ids[0] == saved.cls_token_id and ids[-1] == saved.sep_token_id and saved.unk_token_id not in ids
+    assert saved.tokenize("A red red cat") == ["a", "red", "red", "cat"]

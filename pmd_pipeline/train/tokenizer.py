@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import webdataset as wds
@@ -45,13 +46,50 @@ def _has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").exists() or (folder / "vocab.txt").exists()
 
 
-def train_wordpiece(texts: list[str], vocab_size: int):
+def train_wordpiece(texts: list[str], vocab_size: int, limit_alphabet: int = 1000):
+    """A WordPiece vocabulary that is the same on every run over the same texts.
+
+    The `tokenizers` trainer alone is not (huggingface/tokenizers#1794): it numbers the `##c`
+    continuation pieces in hash-map order, and merge ties are broken by those numbers, so two runs
+    learn different merges and every loss of a run that trains its vocabulary changes. Handing the
+    trainer the continuation pieces (sorted) and the alphabet (chosen by count, then character) fixes
+    every number before training; the vocabulary is then rebuilt with only the real special tokens.
+    """
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertTokenizerFast
 
     wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False)
-    return BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, **_special_kwargs())
+    alphabet, continuations = _alphabet_and_continuations(wordpiece, texts, limit_alphabet)
+    wordpiece.train_from_iterator(
+        texts,
+        vocab_size=vocab_size,
+        limit_alphabet=len(alphabet),
+        initial_alphabet=alphabet,
+        special_tokens=SPECIAL + continuations,
+        show_progress=False,
+    )
+    vocabulary = BertWordPieceTokenizer(wordpiece.get_vocab(), lowercase=True)
+    return BertTokenizerFast(tokenizer_object=vocabulary._tokenizer, **_special_kwargs())
+
+
+def _alphabet_and_continuations(wordpiece, texts: list[str], limit: int) -> tuple[list[str], list[str]]:
+    """The `limit` most frequent characters of the words the trainer will see (ties by character),
+    and the `##c` piece of each of them that occurs after a word's first character."""
+    normalize, split = wordpiece._tokenizer.normalizer.normalize_str, wordpiece._tokenizer.pre_tokenizer
+    # The normalizer works character by character, so it can run once per distinct space-separated piece
+    # of raw text; the real pre-tokenizer then splits each normalized piece into the trainer's words.
+    pieces: Counter[str] = Counter()
+    for text in texts:
+        pieces.update(text.split(" "))
+    counts: Counter[str] = Counter()
+    inner: set[str] = set()
+    for piece, count in pieces.items():
+        for word, _ in split.pre_tokenize_str(normalize(piece)):
+            for character in word:
+                counts[character] += count
+            inner.update(word[1:])
+    alphabet = sorted(sorted(counts, key=lambda c: (-counts[c], c))[:limit])
+    return alphabet, [f"##{c}" for c in alphabet if c in inner]
 
 
 def _special_kwargs() -> dict:
