@@ -122,14 +122,6 @@ class DvaeTokenizer:
                 logits = self.model(x)
         return logits.argmax(dim=1).to(torch.int32).cpu().numpy().astype(np.uint16)
 
-    def tokens_of_jpegs(self, jpgs: list[bytes], batch_size: int) -> list[np.ndarray]:
-        """Tokens of decodable images in order (a BadImage propagates; tokenize.py records it per sample)."""
-        out: list[np.ndarray] = []
-        for start in range(0, len(jpgs), batch_size):
-            pixels = np.stack([encoder_pixels(j) for j in jpgs[start : start + batch_size]])
-            out.extend(self.tokens(pixels))
-        return out
-
 
 @contextlib.contextmanager
 def int8_engine():
@@ -168,7 +160,7 @@ def quantize_int8(model: torch.nn.Module, calibration: np.ndarray | None) -> tup
         )
         prepared = prepare_fx(copy.deepcopy(model.blocks), QConfigMapping().set_global(qconfig), (fit[:1],))
         with torch.no_grad():
-            for image in fit:  # one at a time, as the stage runs: the histograms see the same shapes
+            for image in fit:  # one at a time, as the stage runs: the observers see the same shapes
                 prepared(image[None])
         quantized = convert_fx(prepared)
         with torch.inference_mode():
