@@ -1,4 +1,5 @@
-"""Trainer figures: loader throughput vs a plain decode loop, and step time vs a bare FlavaForPreTraining step."""
+"""Trainer figures: WordPiece training (time, determinism), loader throughput vs a plain decode loop,
+and step time vs a bare FlavaForPreTraining step."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pmd_pipeline.train.config import DataConfig, ModelConfig, load_train_config
 from pmd_pipeline.train.data import TaskStream, decode_sample, make_loader
 from pmd_pipeline.train.model import FlavaTasks, build_model, normalise_pixels
 from pmd_pipeline.train.preflight import preflight
-from pmd_pipeline.train.tokenizer import prepare_tokenizer
+from pmd_pipeline.train.tokenizer import SPECIAL, prepare_tokenizer, train_wordpiece
 from pmd_pipeline.train.trainer import make_optimizer, train_step
 from tests.train_fixtures import make_pmd
 
@@ -32,7 +33,64 @@ def run() -> dict:
     root = make_pmd(Path(tempfile.mkdtemp(prefix="bench_train_")) / "pmd", per_shard=96, shards=2)
     report = preflight(DataConfig(shards=str(root)))
     tok = str(prepare_tokenizer("", root.parent / "run", report.tars["pairs"] + report.tars["text"], 500))
-    return {"loader": loader_figures(report.tars["pairs"], tok), "step": step_figures(report, tok)}
+    return {
+        "wordpiece": wordpiece_figures(),
+        "loader": loader_figures(report.tars["pairs"], tok),
+        "step": step_figures(report, tok),
+    }
+
+
+def wordpiece_figures(captions: int = 200_000, vocab_size: int = 8000, repeats: int = 3) -> dict:
+    """Our deterministic WordPiece training vs the stock `tokenizers` trainer on the same captions."""
+    import hashlib
+    import json
+
+    texts = synthetic_captions(captions)
+    ours, stock = [], []  # (seconds, vocabulary digest)
+    for i in range(repeats):  # alternating who goes first
+        runs = (_our_wordpiece, _stock_wordpiece) if i % 2 == 0 else (_stock_wordpiece, _our_wordpiece)
+        for fn in runs:
+            started = time.perf_counter()
+            vocabulary = fn(texts, vocab_size)
+            elapsed = time.perf_counter() - started
+            digest = hashlib.sha256(json.dumps(sorted(vocabulary.items())).encode()).hexdigest()[:12]
+            (ours if fn is _our_wordpiece else stock).append((elapsed, digest))
+    return {
+        "what": f"{captions} synthetic captions (Zipf-drawn words), vocabulary {vocab_size}, {repeats} runs each",
+        "ours_s": round(statistics.median(t for t, _ in ours), 2),
+        "stock_s": round(statistics.median(t for t, _ in stock), 2),
+        "time_ratio": round(statistics.median(t for t, _ in ours) / statistics.median(t for t, _ in stock), 2),
+        "distinct_vocabularies": {"ours": len({d for _, d in ours}), "stock": len({d for _, d in stock})},
+    }
+
+
+def synthetic_captions(count: int, lexicon: int = 20_000, seed: int = 0) -> list[str]:
+    """Captions of 5-20 words drawn with Zipf frequencies from made-up words, with some punctuation."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
+    weights = 1 / np.arange(1, len(letters) + 1)
+    words = ["".join(rng.choice(letters, size=rng.integers(2, 10), p=weights / weights.sum())) for _ in range(lexicon)]
+    ranks = np.minimum(rng.zipf(1.2, size=count * 20), lexicon) - 1
+    lengths, ends = rng.integers(5, 21, size=count), rng.choice(["", ".", "!", ","], size=count)
+    captions, at = [], 0
+    for length, end in zip(lengths, ends, strict=True):
+        captions.append(" ".join(words[r] for r in ranks[at : at + length]) + end)
+        at += length
+    return captions
+
+
+def _our_wordpiece(texts: list[str], vocab_size: int) -> dict:
+    return train_wordpiece(texts, vocab_size).get_vocab()
+
+
+def _stock_wordpiece(texts: list[str], vocab_size: int) -> dict:
+    from tokenizers import BertWordPieceTokenizer
+
+    stock = BertWordPieceTokenizer(lowercase=True)
+    stock.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False)
+    return stock.get_vocab()
 
 
 def loader_figures(tars: list[str], tok: str) -> dict:
