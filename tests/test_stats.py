@@ -136,6 +136,18 @@ def test_cli_table_shows_paper_figures_and_codebook(tokenized):
     assert "test tokens from a random generator" in result.stdout  # the manifest's note
 
 
+def test_redirected_tables_are_not_cut_to_80_columns(tokenized):
+    """Piped or written to a file (CliRunner is neither a terminal), rich would assume 80 columns and cut
+    names to a few letters; the tables get the width they want instead."""
+    result = runner.invoke(app, ["stats", str(tokenized)], env={"COLUMNS": None})
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout
+    assert "conceptual_captions" in result.stdout and "paper pairs" in result.stdout
+    assert "fetch ok" in result.stdout and "RANDOM" in result.stdout
+    narrow = runner.invoke(app, ["stats", str(tokenized)], env={"COLUMNS": "80"})  # an explicit width is kept
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 80
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [(["--source", "nope"], "no source 'nope'"), (["--sample-shards", "-1"], "--sample-shards")],

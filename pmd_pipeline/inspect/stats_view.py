@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.inspect import console_for
 from shards.stats import DEFAULT_SAMPLE_SHARDS, collect_stats
 
 
@@ -27,9 +28,10 @@ def run_stats(
     if as_json:
         print(json.dumps(public_report(report), indent=1))
     else:
-        console = Console()
-        console.print(counts_table(report))
-        console.print(content_table(report))
+        tables = counts_table(report), content_table(report)
+        console = console_for(*tables)
+        for table in tables:
+            console.print(table)
         console.print(_sampling_note(report), style="dim", highlight=False)
         if report["manifest_tokens"]:
             tokens = report["manifest_tokens"]

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.inspect import console_for
 from shards.layout import IMAGE_EXT, JSON_EXT, TEXT_EXT, TOKENS_EXT, atomic_write_json
 from shards.stats import CODEBOOK_SIZE, source_names
 
@@ -204,7 +204,6 @@ def write_indexes(folder: Path, checks: list[ShardCheck]) -> None:
 
 
 def _report(checks: dict[str, list[ShardCheck]]) -> None:
-    console = Console()
     table = Table("source", "shards", "samples", "with tokens", "problems", title="pmd verify", title_justify="left")
     for name, cs in checks.items():
         problems = sum(len(c.problems) for c in cs)
@@ -216,6 +215,7 @@ def _report(checks: dict[str, list[ShardCheck]]) -> None:
             f"{sum(c.tokens for c in cs):,}",
             f"[{style}]{problems}[/]",
         )
+    console = console_for(table)
     console.print(table)
     listed = [f"{c.tar}: {p}" for cs in checks.values() for c in cs for p in c.problems]
     for line in listed[:MAX_LISTED]:
