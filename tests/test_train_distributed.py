@@ -1,10 +1,13 @@
 """Two CPU processes (gloo): global contrastive gradients, same task on every rank, no hang on data failure,
-and the trainer under FSDP (same losses as DDP, full checkpoints on rank 0, exact resume)."""
+the trainer under FSDP (same losses as DDP, full checkpoints on rank 0, exact resume), and the torchrun entry point."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +130,28 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly_from_its_full_checkpoint(tmp_p
     for a, b in zip(whole[3:], resumed[3:], strict=True):
         assert a["task"] == b["task"]
         assert a["losses"] == pytest.approx(b["losses"], rel=1e-5, abs=1e-6)
+
+
+def test_torchrun_entry_point_trains_like_the_spawned_ranks(tmp_path):
+    """The documented multi-process command, `torchrun ... -m pmd_pipeline.train CONFIG`, on 2 CPU ranks:
+    torchrun's environment starts the process group (gloo), rank 0 alone writes the log and checkpoints,
+    and the losses equal those of the same config trained by ranks started with mp.spawn."""
+    shards = make_pmd(tmp_path / "pmd", per_shard=24, shards=2)
+    spawned = _spawn_training(tmp_path, "spawned", shards, tmp_path / "spawned", fsdp=False)
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'run_dir = "{tmp_path / "torchrun"}"\nvocab_size = 200\nlog_every = 100\ncheckpoint_every = 3\n'
+        f'[data]\nshards = "{shards}"\nbatch_size = 4\nworkers = 0\n'
+        "[optim]\nlr = 2e-3\nwarmup_steps = 2\nsteps = 6\n"
+    )
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc-per-node", str(WORLD), "-m", "pmd_pipeline.train", str(config)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "torchrun" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))  # one line a step: only rank 0 writes
+    assert [r["task"] for r in rows] == [r["task"] for r in spawned]
+    for a, b in zip(spawned, rows, strict=True):
+        assert a["losses"] == pytest.approx(b["losses"], rel=1e-5, abs=1e-6)
+    saved = sorted(p.name for p in (tmp_path / "torchrun" / "checkpoints").iterdir())
+    assert saved == ["step_00000003.pt", "step_00000006.pt"]
