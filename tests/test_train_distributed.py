@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -132,26 +133,55 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly_from_its_full_checkpoint(tmp_p
         assert a["losses"] == pytest.approx(b["losses"], rel=1e-5, abs=1e-6)
 
 
-def test_torchrun_entry_point_trains_like_the_spawned_ranks(tmp_path):
-    """The documented multi-process command, `torchrun ... -m pmd_pipeline.train CONFIG`, on 2 CPU ranks:
-    torchrun's environment starts the process group (gloo), rank 0 alone writes the log and checkpoints,
-    and the losses equal those of the same config trained by ranks started with mp.spawn."""
+@pytest.fixture(scope="module")
+def spawned_run(tmp_path_factory):
+    """Shards and the losses of a 6-step DDP run on 2 ranks started with mp.spawn: the reference."""
+    tmp_path = tmp_path_factory.mktemp("spawned")
     shards = make_pmd(tmp_path / "pmd", per_shard=24, shards=2)
-    spawned = _spawn_training(tmp_path, "spawned", shards, tmp_path / "spawned", fsdp=False)
+    return shards, _spawn_training(tmp_path, "spawned", shards, tmp_path / "run", fsdp=False)
+
+
+def _torchrun(launcher_args: list[str], config: Path) -> subprocess.Popen:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), *launcher_args, "-m", "pmd_pipeline.train", str(config)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("layout", ["one node, 2 processes", "2 nodes, 1 process each"])
+def test_torchrun_entry_point_trains_like_the_spawned_ranks(spawned_run, tmp_path, layout):
+    """The documented command, `torchrun ... -m pmd_pipeline.train CONFIG`, on 2 CPU ranks: torchrun's
+    environment starts the process group (gloo), rank 0 alone writes the log and checkpoints, and the losses
+    equal those of the same config on ranks started with mp.spawn. Two nodes are two torchrun launchers
+    meeting at a static rendezvous on 127.0.0.1, as two machines would at their master's address."""
+    shards, spawned = spawned_run
     config = tmp_path / "run.toml"
     config.write_text(
-        f'run_dir = "{tmp_path / "torchrun"}"\nvocab_size = 200\nlog_every = 100\ncheckpoint_every = 3\n'
+        f'run_dir = "{tmp_path / "run"}"\nvocab_size = 200\nlog_every = 100\ncheckpoint_every = 3\n'
         f'[data]\nshards = "{shards}"\nbatch_size = 4\nworkers = 0\n'
         "[optim]\nlr = 2e-3\nwarmup_steps = 2\nsteps = 6\n"
     )
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--standalone", "--nproc-per-node", str(WORLD), "-m", "pmd_pipeline.train", str(config)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "torchrun" / "log.jsonl").read_text().splitlines()]
+    if layout == "one node, 2 processes":
+        launchers = [_torchrun(["--standalone", "--nproc-per-node", str(WORLD)], config)]
+    else:
+        master = ["--nnodes", str(WORLD), "--nproc-per-node", "1", "--master-addr", "127.0.0.1"]
+        master += ["--master-port", str(_free_port())]
+        launchers = [_torchrun([*master, "--node-rank", str(node)], config) for node in range(WORLD)]
+    try:
+        outputs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
+    finally:  # a launcher left waiting for its peer must not outlive the test
+        for launcher in launchers:
+            launcher.kill()
+    assert [launcher.returncode for launcher in launchers] == [0] * len(launchers), outputs[0][-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))  # one line a step: only rank 0 writes
     assert [r["task"] for r in rows] == [r["task"] for r in spawned]
     for a, b in zip(spawned, rows, strict=True):
         assert a["losses"] == pytest.approx(b["losses"], rel=1e-5, abs=1e-6)
-    saved = sorted(p.name for p in (tmp_path / "torchrun" / "checkpoints").iterdir())
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert saved == ["step_00000003.pt", "step_00000006.pt"]
