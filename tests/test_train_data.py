@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,3 +180,13 @@ def test_trained_vocabulary_is_the_same_on_every_run(pmd):
     ids = saved("A red red cat")["input_ids"]
     assert ids[0] == saved.cls_token_id and ids[-1] == saved.sep_token_id and saved.unk_token_id not in ids
     assert saved.tokenize("A red red cat") == ["a", "red", "red", "cat"]
+
+
+def test_other_ranks_use_rank_0s_vocabulary_or_say_the_run_folder_is_not_shared(pmd, tmp_path):
+    from pmd_pipeline.train.tokenizer import rank0_tokenizer
+
+    root, _, tok = pmd
+    assert rank0_tokenizer("", root.parent / "run") == root.parent / "run" / "tokenizer" == Path(tok)
+    with pytest.raises(PmdError, match="storage every node sees"):
+        rank0_tokenizer("", tmp_path / "run")  # another machine, where rank 0's folder is not mounted
+    assert rank0_tokenizer(tok, tmp_path / "run") == Path(tok)  # a configured folder is used as it is

@@ -42,6 +42,19 @@ def prepare_tokenizer(
     return folder
 
 
+def rank0_tokenizer(configured: str, run_dir: Path, pretrained: str = "") -> Path:
+    """The folder rank 0 prepared, for the other ranks (after a barrier); they never train their own."""
+    if configured or pretrained:
+        return prepare_tokenizer(configured, run_dir, [], 0, pretrained)
+    folder = run_dir / "tokenizer"
+    if not (folder / "tokenizer.json").exists():
+        raise PmdError(
+            f"{folder}, written by rank 0, is not visible to this rank: on several machines the run folder "
+            "must be on storage every node sees"
+        )
+    return folder
+
+
 def _has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").exists() or (folder / "vocab.txt").exists()
 

@@ -22,7 +22,7 @@ from pmd_pipeline.train.data import TaskStream, make_loader
 from pmd_pipeline.train.model import FlavaTasks, build_model
 from pmd_pipeline.train.preflight import preflight
 from pmd_pipeline.train.sampling import TASKS, task_for_step
-from pmd_pipeline.train.tokenizer import prepare_tokenizer
+from pmd_pipeline.train.tokenizer import prepare_tokenizer, rank0_tokenizer
 
 
 def train(cfg: TrainConfig, resume: bool = False, say=print) -> Path:
@@ -38,7 +38,7 @@ def train(cfg: TrainConfig, resume: bool = False, say=print) -> Path:
         text_tars = report.tars["pairs"] + report.tars["text"]
         tok_dir = prepare_tokenizer(cfg.tokenizer, run_dir, text_tars, cfg.vocab_size, cfg.model.pretrained)
     _barrier(world)
-    tok_dir = prepare_tokenizer(cfg.tokenizer, run_dir, [], cfg.vocab_size, cfg.model.pretrained) if rank else tok_dir
+    tok_dir = rank0_tokenizer(cfg.tokenizer, run_dir, cfg.model.pretrained) if rank else tok_dir
     _seed_everything(cfg.seed + rank)
     from transformers import AutoTokenizer
 
