@@ -9,6 +9,7 @@ from pathlib import Path
 from pmd_pipeline.config import INT8_SUFFIX, BuildConfig
 from pmd_pipeline.plan import PLAN_MARKER
 from shards.layout import atomic_write_json, plan_folder
+from shards.stats import parse_sidecar
 
 PACKAGES = ("pmd-pipeline", "img2dataset", "webdataset", "ray", "polars", "pyarrow", "torch", "transformers")
 MANIFEST = "manifest.json"
@@ -64,7 +65,7 @@ def _tar_state(out: Path, source: str, stats: dict) -> dict:
     sidecar = out / source / f"{stats['shard']}_dvae.json"
     if not sidecar.exists():
         return {"sha256": stats["tar_sha256"], "tokens": None}
-    tokens = json.loads(sidecar.read_text())
+    tokens = parse_sidecar(str(sidecar), with_codes=False)
     return {"sha256": tokens["tar_sha256"], "tokens": tokens["codebook"]}
 
 
@@ -92,5 +93,5 @@ def tokens_entry(out: Path, sources: dict) -> dict:
 
 def _int8_agreement(out: Path) -> float:
     """The lowest agreement any shard's int8 tokenizer measured (one calibration per run, so usually one value)."""
-    sidecars = [json.loads(p.read_text()) for p in out.glob("*/*_dvae.json")]
+    sidecars = [parse_sidecar(str(p), with_codes=False) for p in out.glob("*/*_dvae.json")]
     return min(s.get("int8_agreement_vs_fp32") or 0.0 for s in sidecars)

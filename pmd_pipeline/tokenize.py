@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import tarfile
 import time
@@ -26,6 +25,7 @@ from pmd_pipeline.dvae import BadImage, DvaeTokenizer, encoder_pixels, token_pro
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.faults import crash_point
 from shards.layout import IMAGE_EXT, TOKENS_EXT, ShardPaths, atomic_write_json, temp_path_for
+from shards.stats import parse_sidecar
 
 SIDECAR_SUFFIX = "_dvae.json"
 
@@ -35,12 +35,13 @@ def sidecar_path(paths: ShardPaths) -> Path:
 
 
 def read_sidecar(paths: ShardPaths) -> dict | None:
+    """A shard's sidecar without its code counts (code_counts None), or None when it has none."""
     path = sidecar_path(paths)
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except ValueError:
+        return parse_sidecar(str(path), with_codes=False)
+    except PmdError:
         return None  # a sidecar is written atomically, so this is damage from outside: redo the shard
 
 

@@ -102,6 +102,10 @@ def test_killed_attempt_is_redone_and_a_finished_shard_is_skipped(tmp_path, smal
     sidecar_path(paths).unlink()
     assert tokenize_shard(paths, tokenizer, identity, batch_size=2)["tar_sha256"] == sidecar["tar_sha256"]
     assert paths.tar.read_bytes() == tokenized
+    # a sidecar damaged from outside (it is written atomically) is not trusted: the shard is redone
+    sidecar_path(paths).write_text(sidecar_path(paths).read_text()[:300])
+    assert not tokenize_shard(paths, tokenizer, identity, batch_size=2).get("skipped")
+    assert json.loads(sidecar_path(paths).read_text())["tar_sha256"] == sidecar["tar_sha256"]
 
 
 def test_an_interrupted_rewrite_leaves_the_old_tar_intact(tmp_path, small, monkeypatch):
