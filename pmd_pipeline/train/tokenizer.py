@@ -10,29 +10,17 @@ import webdataset as wds
 from pmd_pipeline.errors import PmdError
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TRAINED_FOLDER = "tokenizer"  # in the run folder: a vocabulary trained on the shards
 
 
 def prepare_tokenizer(
     configured: str, run_dir: Path, text_tars: list[str], vocab_size: int, pretrained: str = ""
 ) -> Path:
-    """The folder to load with AutoTokenizer; a trained vocabulary is saved in the run (and reused on resume).
-
-    A pretrained checkpoint's text embeddings only make sense with its own vocabulary: with `pretrained`
-    and no tokenizer configured, the checkpoint folder's tokenizer is used, and none there is an error.
-    """
-    if not configured and pretrained:
-        if not _has_tokenizer(Path(pretrained)):
-            raise PmdError(
-                f"the pretrained checkpoint {pretrained} has no tokenizer files; set `tokenizer` to the folder of "
-                "the vocabulary it was trained with (e.g. a local copy of bert-base-uncased for flava-full)"
-            )
-        configured = pretrained
-    if configured:
-        folder = Path(configured)
-        if not _has_tokenizer(folder):
-            raise PmdError(f"tokenizer folder {folder} has neither tokenizer.json nor vocab.txt")
-        return folder
-    folder = run_dir / "tokenizer"
+    """The folder to load with AutoTokenizer; a trained vocabulary is saved in the run (and reused on resume)."""
+    given = _given_tokenizer(configured, pretrained)
+    if given:
+        return given
+    folder = run_dir / TRAINED_FOLDER
     if (folder / "tokenizer.json").exists():
         return folder
     texts = list(_texts(text_tars))
@@ -44,14 +32,36 @@ def prepare_tokenizer(
 
 def rank0_tokenizer(configured: str, run_dir: Path, pretrained: str = "") -> Path:
     """The folder rank 0 prepared, for the other ranks (after a barrier); they never train their own."""
-    if configured or pretrained:
-        return prepare_tokenizer(configured, run_dir, [], 0, pretrained)
-    folder = run_dir / "tokenizer"
+    given = _given_tokenizer(configured, pretrained)
+    if given:
+        return given
+    folder = run_dir / TRAINED_FOLDER
     if not (folder / "tokenizer.json").exists():
         raise PmdError(
             f"{folder}, written by rank 0, is not visible to this rank: on several machines the run folder "
             "must be on storage every node sees"
         )
+    return folder
+
+
+def _given_tokenizer(configured: str, pretrained: str) -> Path | None:
+    """The configured folder, else a pretrained checkpoint's own; None when the run trains its vocabulary.
+
+    A pretrained checkpoint's text embeddings only make sense with its own vocabulary: with `pretrained`
+    and no tokenizer configured, the checkpoint folder's tokenizer is used, and none there is an error.
+    """
+    if not configured and pretrained:
+        if not _has_tokenizer(Path(pretrained)):
+            raise PmdError(
+                f"the pretrained checkpoint {pretrained} has no tokenizer files; set `tokenizer` to the folder of "
+                "the vocabulary it was trained with (e.g. a local copy of bert-base-uncased for flava-full)"
+            )
+        configured = pretrained
+    if not configured:
+        return None
+    folder = Path(configured)
+    if not _has_tokenizer(folder):
+        raise PmdError(f"tokenizer folder {folder} has neither tokenizer.json nor vocab.txt")
     return folder
 
 
