@@ -105,9 +105,18 @@ def _spawn_training(tmp_path, name: str, shards, run_dir, fsdp: bool, resume: bo
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
-def test_fsdp_trains_like_ddp_and_resumes_exactly_from_its_full_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def spawned_run(tmp_path_factory):
+    """Shards and a 6-step DDP run on 2 ranks started with mp.spawn (its folder and log rows): the reference
+    the FSDP and torchrun runs are compared with."""
+    tmp_path = tmp_path_factory.mktemp("spawned")
     shards = make_pmd(tmp_path / "pmd", per_shard=24, shards=2)
-    ddp = _spawn_training(tmp_path, "ddp", shards, tmp_path / "ddp", fsdp=False)
+    run_dir = tmp_path / "run"
+    return shards, run_dir, _spawn_training(tmp_path, "spawned", shards, run_dir, fsdp=False)
+
+
+def test_fsdp_trains_like_ddp_and_resumes_exactly_from_its_full_checkpoint(spawned_run, tmp_path):
+    shards, ddp_dir, ddp = spawned_run
     whole = _spawn_training(tmp_path, "fsdp", shards, tmp_path / "fsdp", fsdp=True)
     assert [r["task"] for r in whole] == [r["task"] for r in ddp] and "pairs" in {r["task"] for r in whole[3:]}
     for a, b in zip(ddp, whole, strict=True):  # same start (rank 0's weights), same averaged gradients
@@ -115,7 +124,7 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly_from_its_full_checkpoint(tmp_p
 
     # The checkpoint holds the whole model in the plain model's keys and shapes, gathered on rank 0.
     state = torch.load(tmp_path / "fsdp" / "checkpoints" / "step_00000003.pt", weights_only=False)
-    plain = torch.load(tmp_path / "ddp" / "checkpoints" / "step_00000003.pt", weights_only=False)
+    plain = torch.load(ddp_dir / "checkpoints" / "step_00000003.pt", weights_only=False)
     assert {k: v.shape for k, v in state["model"].items()} == {k: v.shape for k, v in plain["model"].items()}
     # every rank's RNG is saved (ranks are seeded apart), and a resumed rank gets back its own
     assert len(state["rng"]) == WORLD and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
@@ -131,14 +140,6 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly_from_its_full_checkpoint(tmp_p
     for a, b in zip(whole[3:], resumed[3:], strict=True):
         assert a["task"] == b["task"]
         assert a["losses"] == pytest.approx(b["losses"], rel=1e-5, abs=1e-6)
-
-
-@pytest.fixture(scope="module")
-def spawned_run(tmp_path_factory):
-    """Shards and the losses of a 6-step DDP run on 2 ranks started with mp.spawn: the reference."""
-    tmp_path = tmp_path_factory.mktemp("spawned")
-    shards = make_pmd(tmp_path / "pmd", per_shard=24, shards=2)
-    return shards, _spawn_training(tmp_path, "spawned", shards, tmp_path / "run", fsdp=False)
 
 
 def _torchrun(launcher_args: list[str], config: Path) -> subprocess.Popen:
@@ -159,8 +160,8 @@ def test_torchrun_entry_point_trains_like_the_spawned_ranks(spawned_run, tmp_pat
     environment starts the process group (gloo), rank 0 alone writes the log and checkpoints, and the losses
     equal those of the same config on ranks started with mp.spawn. Two nodes are two torchrun launchers
     meeting at a static rendezvous on 127.0.0.1, as two machines would at their master's address."""
-    shards, spawned = spawned_run
-    config = tmp_path / "run.toml"
+    shards, _, spawned = spawned_run
+    config = tmp_path / "run.toml"  # the config of _train_worker's runs
     config.write_text(
         f'run_dir = "{tmp_path / "run"}"\nvocab_size = 200\nlog_every = 100\ncheckpoint_every = 3\n'
         f'[data]\nshards = "{shards}"\nbatch_size = 4\nworkers = 0\n'
