@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pmd_pipeline.config import INT8_SUFFIX, BuildConfig
 from pmd_pipeline.plan import PLAN_MARKER
-from shards.layout import atomic_write_json, plan_folder
+from shards.layout import SIDECAR_SUFFIX, atomic_write_json, plan_folder
 from shards.stats import parse_sidecar
 
 PACKAGES = ("pmd-pipeline", "img2dataset", "webdataset", "ray", "polars", "pyarrow", "torch", "transformers")
@@ -62,7 +62,7 @@ def _source_entry(out: Path, source: str) -> dict:
 
 def _tar_state(out: Path, source: str, stats: dict) -> dict:
     """The tar's current sha256: the tokenize sidecar's once tokens were added (the tar was rewritten)."""
-    sidecar = out / source / f"{stats['shard']}_dvae.json"
+    sidecar = out / source / f"{stats['shard']}{SIDECAR_SUFFIX}"
     if not sidecar.exists():
         return {"sha256": stats["tar_sha256"], "tokens": None}
     tokens = parse_sidecar(str(sidecar), with_codes=False)
@@ -93,5 +93,5 @@ def tokens_entry(out: Path, sources: dict) -> dict:
 
 def _int8_agreement(out: Path) -> float:
     """The lowest agreement any shard's int8 tokenizer measured (one calibration per run, so usually one value)."""
-    sidecars = [parse_sidecar(str(p), with_codes=False) for p in out.glob("*/*_dvae.json")]
+    sidecars = [parse_sidecar(str(p), with_codes=False) for p in out.glob(f"*/*{SIDECAR_SUFFIX}")]
     return min(s.get("int8_agreement_vs_fp32") or 0.0 for s in sidecars)

@@ -24,10 +24,8 @@ from pmd_pipeline.codebook import VOCAB_SIZE
 from pmd_pipeline.dvae import BadImage, DvaeTokenizer, encoder_pixels, token_problem
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.faults import crash_point
-from shards.layout import IMAGE_EXT, TOKENS_EXT, ShardPaths, atomic_write_json, temp_path_for
+from shards.layout import IMAGE_EXT, SIDECAR_SUFFIX, TOKENS_EXT, ShardPaths, atomic_write_json, temp_path_for
 from shards.stats import parse_sidecar
-
-SIDECAR_SUFFIX = "_dvae.json"
 
 
 def sidecar_path(paths: ShardPaths) -> Path:

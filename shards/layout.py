@@ -21,6 +21,9 @@ TEXT_EXT = "txt"  # the first caption
 JSON_EXT = "json"  # all captions, source, url, licence, original size, meta
 TOKENS_EXT = "dvae.npy"  # uint16 [14, 14] DALL-E dVAE codebook indices of exactly the stored pixels
 
+# NNNNN_dvae.json beside NNNNN.tar: written last by the tokenize stage (codebook, counts, the rewritten tar's hash).
+SIDECAR_SUFFIX = "_dvae.json"
+
 
 @dataclass(frozen=True)
 class ShardPaths:

@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 
 from pmd_pipeline.errors import PmdError
+from shards.layout import SIDECAR_SUFFIX
 
 SUMMED = (
     "rows_in",
@@ -163,8 +164,8 @@ def read_sidecars(out: Path, source: str, with_codes: bool = False) -> dict[str,
     parsed only when asked for (`pmd stats --codes`, `--plots`); otherwise code_counts is None.
     """
     return {
-        os.path.basename(path).removesuffix("_dvae.json"): parse_sidecar(path, with_codes)
-        for path in _files_ending(out / source, "_dvae.json")
+        os.path.basename(path).removesuffix(SIDECAR_SUFFIX): parse_sidecar(path, with_codes)
+        for path in _files_ending(out / source, SIDECAR_SUFFIX)
     }
 
 

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.inspect import console_for
-from shards.layout import IMAGE_EXT, JSON_EXT, TEXT_EXT, TOKENS_EXT, atomic_write_json
+from shards.layout import IMAGE_EXT, JSON_EXT, SIDECAR_SUFFIX, TEXT_EXT, TOKENS_EXT, atomic_write_json
 from shards.stats import CODEBOOK_SIZE, source_names
 
 KNOWN_EXTS = {IMAGE_EXT, TEXT_EXT, JSON_EXT, TOKENS_EXT}
@@ -180,7 +180,7 @@ def _check_counts(path: Path, listed: dict | None, digest: str, check: ShardChec
         check.problems.append("no _stats.json: the shard never finished")
     elif (written := json.loads(stats_path.read_text())["samples_written"]) != check.samples:
         check.problems.append(f"{check.samples} samples, its _stats.json says {written}")
-    sidecar_path = path.with_name(path.stem + "_dvae.json")
+    sidecar_path = path.with_name(path.stem + SIDECAR_SUFFIX)
     if not sidecar_path.exists():
         if check.tokens:
             check.problems.append(f"{check.tokens} samples carry tokens but there is no _dvae.json sidecar")

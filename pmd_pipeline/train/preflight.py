@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.train.config import DataConfig
+from shards.layout import SIDECAR_SUFFIX
 
 
 @dataclass
@@ -61,7 +62,7 @@ def _finished_shards(folder: Path, task: str, data: DataConfig, report: Prefligh
             continue
         count = json.loads(stats_path.read_text()).get("samples_written", 0)
         if task != "text":
-            sidecar = tar.with_name(f"{tar.stem}_dvae.json")
+            sidecar = tar.with_name(f"{tar.stem}{SIDECAR_SUFFIX}")
             if not sidecar.exists():
                 if not data.skip_untokenized:
                     raise PmdError(
