@@ -67,9 +67,11 @@ def calibration_pixels(shards: list[ShardPaths], count: int = CALIBRATION_IMAGES
 
 def refuse_mixed_precision(shards: list[ShardPaths], precision: str, force: bool) -> None:
     """fp32 and bf16 tokens of one codebook differ in ~2% of cells: a build holds one kind unless `force`."""
+    if force:  # every shard is redone in this run's precision: nothing to read
+        return
     for paths in shards:
         sidecar = read_sidecar(paths) or {}
-        if sidecar.get("precision", precision) != precision and not force:
+        if sidecar.get("precision", precision) != precision:
             raise PmdError(
                 f"{paths.tar} holds {sidecar['precision']} tokens and this run makes {precision} ones; set "
                 f'[tokenize] precision = "{sidecar["precision"]}", or redo every shard with `pmd tokenize OUT --force`'
