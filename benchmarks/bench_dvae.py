@@ -19,11 +19,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from pmd_pipeline.codebook import load_codebook
-from pmd_pipeline.dvae import DvaeTokenizer, agreement, bf16_is_native, default_batch_size, encoder_pixels
-from pmd_pipeline.tokenize import read_samples, rewrite_tar, tokenize_shard
-from pmd_pipeline.tokenize_stage import CALIBRATION_IMAGES
-from shards.layout import TOKENS_EXT, ShardPaths, atomic_write_json
+from pmd_pipeline.tokens.codebook import load_codebook
+from pmd_pipeline.tokens.encoder import DvaeTokenizer, agreement, bf16_is_native, default_batch_size, encoder_pixels
+from pmd_pipeline.tokens.shard import tokenize_shard
+from pmd_pipeline.tokens.stage import CALIBRATION_IMAGES
+from shards.files import atomic_write_json
+from shards.layout import TOKENS_EXT, ShardPaths
+from shards.tar import read_samples, write_tar
 
 GFLOP_PER_IMAGE = 52.0  # the encoder at 112 px (PMD_SPEC.md)
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense tensor-core peaks, for the GPU fraction
@@ -111,7 +113,7 @@ def synthetic_jpeg(seed: int) -> bytes:
 def make_shard(out: Path, jpgs: list[bytes]) -> ShardPaths:
     paths = ShardPaths(out, "bench", 0)
     paths.folder.mkdir(parents=True)
-    _, sha = rewrite_tar(paths.tar, [{"__key__": f"k{i:05d}", "jpg": j} for i, j in enumerate(jpgs)])
+    _, sha = write_tar(paths.tar, [{"__key__": f"k{i:05d}", "jpg": j} for i, j in enumerate(jpgs)])
     atomic_write_json(paths.stats, {"tar_sha256": sha})
     return paths
 

@@ -28,7 +28,7 @@ def serve(root: Path) -> tuple[subprocess.Popen, str]:
         port = s.getsockname()[1]
     # The same server the embedded default uses, in a process of its own.
     code = (
-        "import sys, time; from pmd_pipeline.mirror import StaticServer as S; "
+        "import sys, time; from pmd_pipeline.fetch.mirror import StaticServer as S; "
         "S(sys.argv[1], int(sys.argv[2])).__enter__(); time.sleep(1e9)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(root), str(port)])

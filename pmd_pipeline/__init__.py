@@ -6,3 +6,5 @@ import os as _os
 
 # albumentations (through img2dataset) asks the network for updates at import time; never do that.
 _os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Ray reports usage statistics to its makers unless told not to; nothing we start talks to other hosts.
+_os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -1,25 +1,32 @@
-"""`pmd build`: plan every source, then process shards as Ray tasks (bounded, retried, resumable), then the manifest."""
+"""`pmd build`: plan every source, then process shards as Ray tasks (bounded, retried, resumable), then the manifest.
+
+Also `pmd tokenize OUT` (retokenize): the token stage alone over a finished build. Both run on the Ray instance
+the CLI started or joined.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import ray
 
+from filters import build_filters
 from pmd_pipeline.config import BuildConfig
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.faults import crash_point
+from pmd_pipeline.fetch.metadata import is_url
 from pmd_pipeline.manifest import write_manifest
-from pmd_pipeline.output import claim_output
+from pmd_pipeline.output import claim_output, save_tokenize_settings, saved_config
 from pmd_pipeline.plan import plan_source
-from pmd_pipeline.process import process_shard
-from pmd_pipeline.tokenize_stage import finished_shards, shards_to_tokenize, tokenize_shards
-from shards.layout import ShardPaths
+from pmd_pipeline.process import filter_chain, process_shard
+from pmd_pipeline.tokens.stage import shards_to_tokenize, tokenize_shards
+from shards.layout import WORK_FOLDER, ShardPaths, finished_shards
+from sources import get_source
+from sources.base import require_files
 
 log = logging.getLogger(__name__)
 
@@ -38,25 +45,10 @@ class BuildResult:
         return bool(self.shards_failed or self.sources_failed)
 
 
-def start_ray(cfg: BuildConfig) -> None:
-    """Join the configured cluster, or start a local Ray without the dashboard (once per process)."""
-    if ray.is_initialized():
-        return
-    # PMD_* variables (crash points, the real-data folder) reach the workers of a cluster we join too.
-    pmd_env = {k: v for k, v in os.environ.items() if k.startswith("PMD_")}
-    runtime_env = {"env_vars": pmd_env} if pmd_env else None
-    if cfg.run.ray_address:
-        ray.init(address=cfg.run.ray_address, logging_level=logging.WARNING, runtime_env=runtime_env)
-    else:
-        ray.init(
-            num_cpus=cfg.run.num_cpus, include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env
-        )
-
-
 def build(cfg: BuildConfig, on_progress: Callable[[int, int], None] | None = None) -> BuildResult:
     """Run the whole build on the Ray instance this process is connected to (the CLI starts or joins one)."""
     if not ray.is_initialized():
-        raise PmdError("build() needs Ray: call ray.init() first (the `pmd build` command does this for you)")
+        raise PmdError("build() needs a running Ray: connect first (the `pmd build` command starts or joins one)")
     if not cfg.enabled_sources():
         raise PmdError("the config enables no source; add a [sources.<name>] table (see `pmd sources`)")
     claim_output(cfg)
@@ -78,8 +70,28 @@ def build(cfg: BuildConfig, on_progress: Callable[[int, int], None] | None = Non
         return result
     crash_point("manifest", cfg.out)
     result.manifest = write_manifest(cfg)
-    shutil.rmtree(Path(cfg.out) / "_work", ignore_errors=True)
+    shutil.rmtree(Path(cfg.out) / WORK_FOLDER, ignore_errors=True)
     return result
+
+
+def retokenize(
+    out: Path, codebook: str | None = None, force: bool = False, on_progress=None, precision: str | None = None
+) -> dict:
+    """`pmd tokenize OUT`: add (or, with force, redo) tokens in every finished shard, then rewrite the manifest."""
+    cfg = saved_config(out)
+    if codebook is not None:
+        cfg.tokenize.codebook = str(Path(codebook).expanduser().resolve()) if codebook else ""
+    if precision is not None:
+        cfg.tokenize.precision = precision
+    shards = finished_shards(out)
+    if not shards:
+        raise PmdError(f"{out} has no finished shards to tokenize; run `pmd build` first")
+    todo = shards_to_tokenize(shards, cfg.tokenize, force)
+    failed = tokenize_shards(cfg.tokenize, todo, force, on_progress, all_shards=shards)
+    if failed:
+        return {"shards": len(shards), "tokenized": len(todo) - len(failed), "failed": failed, "manifest": None}
+    save_tokenize_settings(cfg)
+    return {"shards": len(shards), "tokenized": len(todo), "failed": [], "manifest": write_manifest(cfg)}
 
 
 def _plan_sources(cfg: BuildConfig, result: BuildResult) -> list[dict]:
@@ -134,12 +146,6 @@ def _collect(ref, paths: ShardPaths, result: BuildResult) -> None:
 
 def validate(cfg: BuildConfig) -> None:
     """Fail at once, before any work, on unknown names and missing inputs."""
-    from filters import build_filters
-    from pmd_pipeline.metadata import is_url
-    from pmd_pipeline.process import filter_chain
-    from sources import get_source
-    from sources.base import require_files
-
     build_filters(cfg.filters)
     for source_cfg in cfg.enabled_sources():
         source = get_source(source_cfg.name)

@@ -1,8 +1,13 @@
-"""The `pmd` command: one verb per subcommand (build, sources, stats, pretrain)."""
+"""The `pmd` command: one verb per subcommand (build, sources, stats, show, verify, tokenize, pretrain).
+
+This layer alone starts or joins Ray (`start_ray`); the stages below it run on whatever instance it made.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -83,7 +88,7 @@ def _embedded_mirror(cfg: BuildConfig, embedded: bool):
         yield
         return
     from pmd_pipeline.embedded import materialize
-    from pmd_pipeline.mirror import StaticServer, use_mirror
+    from pmd_pipeline.fetch.mirror import StaticServer, use_mirror
     from pmd_pipeline.output import claim_output
 
     claim_output(cfg)
@@ -95,7 +100,7 @@ def _embedded_mirror(cfg: BuildConfig, embedded: bool):
 
 def _run_build(cfg: BuildConfig):
     from pmd_pipeline.build import build as run_build
-    from pmd_pipeline.build import start_ray, validate
+    from pmd_pipeline.build import validate
     from pmd_pipeline.output import claim_output
 
     validate(cfg)
@@ -104,6 +109,23 @@ def _run_build(cfg: BuildConfig):
     with Progress("[bold]shards", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("build", total=None)
         return run_build(cfg, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def start_ray(cfg: BuildConfig) -> None:
+    """Join the configured cluster, or start a local Ray without the dashboard (once per process)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # PMD_* variables (crash points, the real-data folder) reach the workers of a cluster we join too.
+    pmd_env = {k: v for k, v in os.environ.items() if k.startswith("PMD_")}
+    runtime_env = {"env_vars": pmd_env} if pmd_env else None
+    if cfg.run.ray_address:
+        ray.init(address=cfg.run.ray_address, logging_level=logging.WARNING, runtime_env=runtime_env)
+    else:
+        ray.init(
+            num_cpus=cfg.run.num_cpus, include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env
+        )
 
 
 def _report_build(cfg: BuildConfig, result) -> None:
@@ -152,7 +174,7 @@ def stats(
     codes: bool = typer.Option(False, "--codes", help="Also read the 8192 dVAE code counts: codes used, top codes."),
 ) -> None:
     """Per-source and total statistics of a build, read from the shard stats/parquet files (never the tars)."""
-    from pmd_pipeline.inspect.stats_view import run_stats
+    from pmd_pipeline.inspection.stats_view import run_stats
 
     with _errors_as_messages():
         run_stats(out, source, as_json, plots, sample_shards, codes)
@@ -167,7 +189,7 @@ def show(
     to: Path = typer.Option(Path("pmd_show"), "--to", help="Folder for the images and token grids."),
 ) -> None:
     """Print samples (key, captions, source, url, licence, size); write their images and 14x14 token grids."""
-    from pmd_pipeline.inspect.show import run_show
+    from pmd_pipeline.inspection.show import run_show
 
     with _errors_as_messages():
         run_show(out, key, source, n, to)
@@ -179,7 +201,7 @@ def verify(
     source: str = typer.Option(None, help="Only this source."),
 ) -> None:
     """Re-read every tar: complete samples, counts and sha256 vs the manifest; write sizes.json and wids indexes."""
-    from pmd_pipeline.inspect.verify import run_verify
+    from pmd_pipeline.inspection.verify import run_verify
 
     with _errors_as_messages():
         if not run_verify(out, source):
@@ -196,11 +218,29 @@ def tokenize(
     precision: str = typer.Option(None, help="auto, fp32, bf16 or int8; default: the build's [tokenize] precision."),
 ) -> None:
     """Add dVAE image tokens (KEY.dvae.npy) to every finished shard, without re-downloading; rewrites the manifest."""
-    from pmd_pipeline.tokenize_cmd import tokenize_command
-
     with _errors_as_messages():
-        if not tokenize_command(out, codebook, force, console, precision):
+        if not _tokenize(out, codebook, force, precision):
             raise typer.Exit(1)
+
+
+def _tokenize(out: Path, codebook: str | None, force: bool, precision: str | None) -> bool:
+    """Run the token stage on a local Ray (or the build's cluster) and report; False when some shard failed."""
+    from pmd_pipeline.build import retokenize
+    from pmd_pipeline.output import saved_config
+
+    if not out.is_dir():
+        raise PmdError(f"{out} is not a folder; give a `pmd build` output")
+    start_ray(saved_config(out))  # read first: a wrong folder is refused before Ray starts
+    with Progress("[bold]tokenize", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("tokenize", total=None)
+        progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
+        result = retokenize(out, codebook, force, progress, precision)
+    for failure in result["failed"]:
+        console.print(f"[red]failed:[/] {escape(failure)} (re-run the same command to retry)", highlight=False)
+    console.print(f"[bold]{escape(str(out))}[/]: {result['shards']} shards, {result['tokenized']} tokenized now")
+    if result["manifest"]:
+        console.print(f"codebook: {result['manifest']['tokens']['note']}", markup=False, highlight=False)
+    return not result["failed"]
 
 
 @app.command()

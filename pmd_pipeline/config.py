@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,8 +10,6 @@ from typing import Any
 import tomllib
 
 from pmd_pipeline.errors import PmdError
-
-FORMAT_VERSION = 1  # bump when the shard layout changes; part of the config hash
 
 
 @dataclass
@@ -69,8 +65,6 @@ class RunConfig:
     shard_retries: int = 3
 
 
-INT8_SUFFIX = ", int8 approximation"  # appended to the codebook identity of int8 tokens (never mixed with exact ones)
-
 
 @dataclass
 class TokenizeConfig:
@@ -99,25 +93,6 @@ class BuildConfig:
 
     def enabled_sources(self) -> list[SourceConfig]:
         return [s for s in self.sources if s.enabled]
-
-    def content_hash(self) -> str:
-        """Hash of everything that decides what the shards contain (not how fast or from which mirror)."""
-        content = {
-            "format_version": FORMAT_VERSION,
-            "shard_size": self.shard_size,
-            "sources": [dataclasses.asdict(s) for s in self.enabled_sources()],
-            "filters": [dataclasses.asdict(f) for f in self.filters],
-            "filter_chains": self._filter_chains(),
-            "image": dataclasses.asdict(self.image),
-        }
-        blob = json.dumps(content, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-    def _filter_chains(self) -> dict:
-        """Each source's resolved chain: a source's built-in default decides content as much as the config."""
-        from pmd_pipeline.process import filter_chain  # late: process imports the sources, which import this
-
-        return {s.name: [dataclasses.asdict(f) for f in filter_chain(self, s.name)] for s in self.enabled_sources()}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

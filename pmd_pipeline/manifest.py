@@ -6,13 +6,21 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-from pmd_pipeline.config import INT8_SUFFIX, BuildConfig
-from pmd_pipeline.plan import PLAN_MARKER
-from shards.layout import SIDECAR_SUFFIX, atomic_write_json, plan_folder
-from shards.stats import parse_sidecar
+from pmd_pipeline.config import BuildConfig
+from pmd_pipeline.output import content_hash
+from shards.files import atomic_write_json
+from shards.layout import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    PLAN_MARKER,
+    SIDECAR_SUFFIX,
+    STATS_SUFFIX,
+    ShardPaths,
+    plan_folder,
+)
+from shards.sidecar import INT8_SUFFIX, parse_sidecar
 
 PACKAGES = ("pmd-pipeline", "img2dataset", "webdataset", "ray", "polars", "pyarrow", "torch", "transformers")
-MANIFEST = "manifest.json"
 
 
 def package_versions() -> dict[str, str]:
@@ -29,8 +37,8 @@ def write_manifest(cfg: BuildConfig) -> dict:
     out = Path(cfg.out)
     sources = {s.name: _source_entry(out, s.name) for s in cfg.enabled_sources()}
     manifest = {
-        "format_version": 1,
-        "config_hash": cfg.content_hash(),
+        "format_version": FORMAT_VERSION,
+        "config_hash": content_hash(cfg),
         "config": cfg.to_dict(),
         "versions": package_versions(),
         "sources": sources,
@@ -40,13 +48,13 @@ def write_manifest(cfg: BuildConfig) -> dict:
             for key in ("shards", "rows_in", "samples_written", "pairs_written", "rejected_raw_records")
         },
     }
-    atomic_write_json(out / MANIFEST, manifest)
+    atomic_write_json(out / MANIFEST_FILE, manifest)
     return manifest
 
 
 def _source_entry(out: Path, source: str) -> dict:
     plan = json.loads((plan_folder(out, source) / PLAN_MARKER).read_text())
-    shards = [json.loads(p.read_text()) for p in sorted((out / source).glob("*_stats.json"))]
+    shards = [json.loads(p.read_text()) for p in sorted((out / source).glob(f"*{STATS_SUFFIX}"))]
     return {
         "shards": len(shards),
         "rows_in": sum(s["rows_in"] for s in shards),
@@ -62,7 +70,7 @@ def _source_entry(out: Path, source: str) -> dict:
 
 def _tar_state(out: Path, source: str, stats: dict) -> dict:
     """The tar's current sha256: the tokenize sidecar's once tokens were added (the tar was rewritten)."""
-    sidecar = out / source / f"{stats['shard']}{SIDECAR_SUFFIX}"
+    sidecar = ShardPaths(out, source, int(stats["shard"])).sidecar
     if not sidecar.exists():
         return {"sha256": stats["tar_sha256"], "tokens": None}
     tokens = parse_sidecar(str(sidecar), with_codes=False)

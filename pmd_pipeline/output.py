@@ -1,15 +1,36 @@
-"""The output folder belongs to one config: claim it, or refuse with a message that says what to do."""
+"""The output folder belongs to one config: claim it (or refuse), hash what decides its content, read it back."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
-from pmd_pipeline.config import BuildConfig
+from pmd_pipeline.config import BuildConfig, config_from_dict
 from pmd_pipeline.errors import PmdError
-from shards.layout import atomic_write_json
+from pmd_pipeline.process import filter_chain
+from shards.files import atomic_write_json
+from shards.layout import CONFIG_FILE, FORMAT_VERSION
 
-CONFIG_FILE = "config.json"
+
+def content_hash(cfg: BuildConfig) -> str:
+    """Hash of everything that decides what the shards contain (not how fast or from which mirror)."""
+    content = {
+        "format_version": FORMAT_VERSION,
+        "shard_size": cfg.shard_size,
+        "sources": [dataclasses.asdict(s) for s in cfg.enabled_sources()],
+        "filters": [dataclasses.asdict(f) for f in cfg.filters],
+        "filter_chains": _filter_chains(cfg),
+        "image": dataclasses.asdict(cfg.image),
+    }
+    blob = json.dumps(content, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _filter_chains(cfg: BuildConfig) -> dict:
+    """Each source's resolved chain: a source's built-in default decides content as much as the config."""
+    return {s.name: [dataclasses.asdict(f) for f in filter_chain(cfg, s.name)] for s in cfg.enabled_sources()}
 
 
 def claim_output(cfg: BuildConfig) -> Path:
@@ -18,15 +39,15 @@ def claim_output(cfg: BuildConfig) -> Path:
     saved = out / CONFIG_FILE
     if saved.exists():
         previous = _read_hash(saved)
-        if previous != cfg.content_hash():
+        if previous != content_hash(cfg):
             raise PmdError(
-                f"{out} was built with a different config (hash {previous}, this one {cfg.content_hash()}); "
+                f"{out} was built with a different config (hash {previous}, this one {content_hash(cfg)}); "
                 "use another --out, or delete that folder to rebuild it"
             )
     elif out.exists() and any(out.iterdir()):
         raise PmdError(f"{out} exists and is not a pmd build output; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(saved, {"config_hash": cfg.content_hash(), "config": cfg.to_dict()})
+    atomic_write_json(saved, {"config_hash": content_hash(cfg), "config": cfg.to_dict()})
     return out
 
 
@@ -35,3 +56,23 @@ def _read_hash(saved: Path) -> str | None:
         return json.loads(saved.read_text())["config_hash"]
     except (OSError, ValueError, KeyError):
         raise PmdError(f"{saved} is unreadable; delete the output folder or choose another --out") from None
+
+
+def saved_config(out: Path) -> BuildConfig:
+    """The config a build folder was made with (OUT/config.json), as a BuildConfig."""
+    try:
+        saved = json.loads((out / CONFIG_FILE).read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        raise PmdError(f"{out} is not a pmd build output (no readable {CONFIG_FILE})") from None
+    saved["sources"] = {s.pop("name"): s for s in saved["sources"]}
+    saved["filters"] = [{"name": f["name"], **f["params"]} for f in saved["filters"]]
+    saved["out"] = str(out.resolve())
+    return config_from_dict(saved, base_dir=out.resolve())
+
+
+def save_tokenize_settings(cfg: BuildConfig) -> None:
+    """Record the codebook and precision a `pmd tokenize` used, so the manifest and a later build see them."""
+    path = Path(cfg.out) / CONFIG_FILE
+    saved = json.loads(path.read_text())
+    saved["config"]["tokenize"] = cfg.to_dict()["tokenize"]
+    atomic_write_json(path, saved)

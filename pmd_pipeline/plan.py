@@ -17,12 +17,11 @@ import polars as pl
 
 from pmd_pipeline.config import BuildConfig, SourceConfig
 from pmd_pipeline.faults import crash_point
-from pmd_pipeline.metadata import localize_metadata
-from shards.layout import ShardPaths, atomic_write_json, plan_folder
+from pmd_pipeline.fetch.metadata import localize_metadata
+from shards.files import atomic_write_json
+from shards.layout import PLAN_MARKER, REJECTS_FILE, ShardPaths, plan_folder
 from sources import get_source
 from sources.base import CANDIDATE_SCHEMA, RejectLog
-
-PLAN_MARKER = "_plan.json"
 
 
 def plan_source(cfg: BuildConfig, source_cfg: SourceConfig) -> dict:
@@ -115,4 +114,4 @@ def _write_rejects(out: Path, source: str, rejects: RejectLog) -> None:
     """Malformed raw records, kept aside with file and line: OUT/<source>/_rejects.jsonl."""
     folder = out / source
     folder.mkdir(parents=True, exist_ok=True)
-    rejects.write_jsonl(folder / "_rejects.jsonl")
+    rejects.write_jsonl(folder / REJECTS_FILE)

@@ -10,8 +10,9 @@ import polars as pl
 from filters import apply_filters, build_filters
 from pmd_pipeline.config import BuildConfig, FilterConfig
 from pmd_pipeline.faults import crash_point
-from pmd_pipeline.fetch import fetch_urls, read_local
-from shards.layout import ShardPaths, atomic_write_json
+from pmd_pipeline.fetch.images import fetch_urls, read_local
+from shards.files import atomic_write_json, remove_temp_files
+from shards.layout import ShardPaths
 from shards.writer import write_shard
 from sources import get_source
 
@@ -21,7 +22,7 @@ def process_shard(cfg: BuildConfig, paths: ShardPaths) -> dict:
     if paths.is_done():
         return {"skipped": True, "source": paths.source, "shard": paths.name}
     started = time.time()
-    _remove_stale_temp_files(paths)
+    remove_temp_files(paths.folder, paths.name)  # of an attempt that was killed; redone from the plan
     rows = filter_rows(cfg, pl.read_parquet(paths.plan), paths.source)
     fetched = fetch_images(cfg, rows, paths)
     stats = write_shard(paths, rows, fetched)
@@ -30,12 +31,6 @@ def process_shard(cfg: BuildConfig, paths: ShardPaths) -> dict:
     atomic_write_json(paths.stats, stats)  # last: the completion marker
     shutil.rmtree(paths.work, ignore_errors=True)
     return stats
-
-
-def _remove_stale_temp_files(paths: ShardPaths) -> None:
-    """Temporary files of an attempt that was killed; the shard is redone from its plan."""
-    for tmp in paths.folder.glob(f".{paths.name}*.tmp"):
-        tmp.unlink(missing_ok=True)
 
 
 def filter_rows(cfg: BuildConfig, plan: pl.DataFrame, source: str) -> pl.DataFrame:

@@ -1,17 +1,17 @@
-"""Paths of one build's output: OUT/<source>/<NNNNN>.{tar,parquet,_stats.json}, the plan and the manifest.
+"""Every name of a build's output: OUT/<source>/<NNNNN>.{tar,parquet,_stats.json,_dvae.json}, the plan, the manifest.
 
 A shard is the unit of work and of resume. Its `_stats.json` is written last, atomically: a shard
-whose stats file exists is finished, and a finished shard is never rewritten.
+whose stats file exists is finished, and a finished shard is never rewritten. Every file name, suffix
+and member extension of the format is defined here and nowhere else.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+FORMAT_VERSION = 1  # bump when the shard layout changes; part of the config hash and the manifest
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 
@@ -21,8 +21,30 @@ TEXT_EXT = "txt"  # the first caption
 JSON_EXT = "json"  # all captions, source, url, licence, original size, meta
 TOKENS_EXT = "dvae.npy"  # uint16 [14, 14] DALL-E dVAE codebook indices of exactly the stored pixels
 
-# NNNNN_dvae.json beside NNNNN.tar: written last by the tokenize stage (codebook, counts, the rewritten tar's hash).
-SIDECAR_SUFFIX = "_dvae.json"
+# The image tokens: DALL-E dVAE codebook indices on a 14x14 grid (224 px images, 16 px patches).
+TOKEN_GRID = (14, 14)
+CODEBOOK_SIZE = 8192
+
+# Tar headers of every shard: fixed, so the same samples give the same bytes.
+TAR_OWNER = "pmd"
+TAR_MODE = 0o444
+
+# A shard's files: NNNNN.tar and, beside it, the others.
+TAR_SUFFIX = ".tar"
+PARQUET_SUFFIX = ".parquet"  # every input row of the shard with its status and reason
+STATS_SUFFIX = "_stats.json"  # written last by the shard stage: the completion marker
+SIDECAR_SUFFIX = "_dvae.json"  # written last by the tokenize stage (codebook, counts, the rewritten tar's hash)
+REJECTS_FILE = "_rejects.jsonl"  # OUT/<source>/: malformed raw records with file, line and reason
+
+# Files and folders at the top of OUT.
+CONFIG_FILE = "config.json"  # the resolved config and its hash: OUT belongs to this config
+MANIFEST_FILE = "manifest.json"  # written when a build completes
+PLAN_MARKER = "_plan.json"  # OUT/_plan/<source>/: the source is planned (rows, shards, rejects)
+SIZES_FILE = "sizes.json"  # per source folder, {tar name: samples}, as open_clip reads it
+WIDS_INDEX = "shardindex.json"  # per source folder, the format `widsindex create` writes
+PLAN_FOLDER = "_plan"
+WORK_FOLDER = "_work"  # scratch space of running shard tasks; removed when the build completes
+METADATA_FOLDER = "_metadata"  # metadata downloaded from URLs, once per build
 
 
 @dataclass(frozen=True)
@@ -41,31 +63,49 @@ class ShardPaths:
 
     @property
     def tar(self) -> Path:
-        return self.folder / f"{self.name}.tar"
+        return self.folder / f"{self.name}{TAR_SUFFIX}"
 
     @property
     def parquet(self) -> Path:
-        return self.folder / f"{self.name}.parquet"
+        return self.folder / f"{self.name}{PARQUET_SUFFIX}"
 
     @property
     def stats(self) -> Path:
-        return self.folder / f"{self.name}_stats.json"
+        return self.folder / f"{self.name}{STATS_SUFFIX}"
+
+    @property
+    def sidecar(self) -> Path:
+        return self.folder / f"{self.name}{SIDECAR_SUFFIX}"
 
     @property
     def plan(self) -> Path:
-        return plan_folder(self.out, self.source) / f"{self.name}.parquet"
+        return plan_folder(self.out, self.source) / f"{self.name}{PARQUET_SUFFIX}"
 
     @property
     def work(self) -> Path:
         """Scratch space for this shard (img2dataset's own input and stats files); removed when done."""
-        return self.out / "_work" / self.source / self.name
+        return self.out / WORK_FOLDER / self.source / self.name
 
     def is_done(self) -> bool:
         return self.stats.exists()
 
 
 def plan_folder(out: Path, source: str) -> Path:
-    return out / "_plan" / source
+    return out / PLAN_FOLDER / source
+
+
+def shard_tars(folder: Path) -> list[Path]:
+    """The shard tars of a source folder, in index order (finished or not: see `finished_shards`)."""
+    return sorted(folder.glob(f"[0-9]*{TAR_SUFFIX}"))
+
+
+def finished_shards(out: Path) -> list[ShardPaths]:
+    """Every finished shard of a build folder (the ones with a stats file), in source and index order."""
+    shards = []
+    for stats in sorted(out.glob(f"*/[0-9]*{STATS_SUFFIX}")):
+        if not stats.parent.name.startswith("_"):
+            shards.append(ShardPaths(out, stats.parent.name, int(stats.name.removesuffix(STATS_SUFFIX))))
+    return shards
 
 
 def check_safe_name(name: str, what: str = "name") -> str:
@@ -73,28 +113,3 @@ def check_safe_name(name: str, what: str = "name") -> str:
     if not SAFE_NAME.match(name):
         raise ValueError(f"unsafe {what} {name!r}: only letters, digits, '_' and '-' are allowed")
     return name
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; shards are meant to be read by others
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode())
-
-
-def temp_path_for(path: Path) -> Path:
-    """A unique temporary name beside `path` (two attempts at the same shard never share one)."""
-    return path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"

@@ -8,8 +8,6 @@ source's shards (`sample_shards`, 0 = all): 10,000 shards take about 1.4 s of CP
 from __future__ import annotations
 
 import json
-import os
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +15,17 @@ import numpy as np
 import polars as pl
 
 from pmd_pipeline.errors import PmdError
-from shards.layout import SIDECAR_SUFFIX
+from shards.layout import (
+    CODEBOOK_SIZE,
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    PARQUET_SUFFIX,
+    PLAN_FOLDER,
+    PLAN_MARKER,
+    STATS_SUFFIX,
+    plan_folder,
+)
+from shards.sidecar import files_ending, read_sidecars
 
 SUMMED = (
     "rows_in",
@@ -30,7 +38,6 @@ SUMMED = (
     "tar_bytes",
 )
 REASON_COUNTS = ("rows_dropped", "rows_failed", "captions_dropped", "rejected_by_reason")
-CODEBOOK_SIZE = 8192
 DEFAULT_SAMPLE_SHARDS = 64
 PERCENTILES = (10, 50, 90)
 TOP_CODES = 10
@@ -43,7 +50,6 @@ def collect_stats(
     names = source_names(out, source)
     sources = {name: _source_summary(out, name, sample_shards, codes) for name in names}
     total = _merge(list(sources.values()))
-    total["paper"] = _paper_total([s["paper"] for s in sources.values()])
     total["tokens"] = _merge_tokens([s["tokens"] for s in sources.values()], total["shards"])
     total["distribution"] = None  # percentiles do not add up across sources
     return {"out": str(out), "sources": sources, "total": total, "manifest_tokens": _manifest_tokens(out)}
@@ -51,15 +57,15 @@ def collect_stats(
 
 def _manifest_tokens(out: Path) -> dict | None:
     """The manifest's top-level "tokens" entry (codebook, random, note) once the tokenize stage has run."""
-    path = out / "manifest.json"
+    path = out / MANIFEST_FILE
     return json.loads(path.read_bytes()).get("tokens") if path.exists() else None
 
 
 def source_names(out: Path, source: str | None = None) -> list[str]:
     """The sources a build planned (all, or the one asked for, with a clear error when it is not there)."""
-    if not (out / "config.json").exists():
+    if not (out / CONFIG_FILE).exists():
         raise PmdError(f"{out} is not a pmd build output (no config.json)")
-    names = sorted(p.parent.name for p in out.glob("_plan/*/_plan.json"))
+    names = sorted(p.parent.name for p in out.glob(f"{PLAN_FOLDER}/*/{PLAN_MARKER}"))
     if source is None:
         return names
     if source not in names:
@@ -69,35 +75,24 @@ def source_names(out: Path, source: str | None = None) -> list[str]:
 
 def shard_stats_files(out: Path, source: str) -> list[str]:
     """Finished shards of a source (their stats file is the completion marker), in shard order."""
-    return _files_ending(out / source, "_stats.json")
-
-
-def _files_ending(folder: Path, suffix: str) -> list[str]:
-    """Sorted paths (str) of a folder's files by name suffix: os.listdir and str, 10x faster than Path at 10k files."""
-    if not folder.is_dir():
-        return []
-    return [os.path.join(folder, name) for name in sorted(n for n in os.listdir(folder) if n.endswith(suffix))]
+    return files_ending(out / source, STATS_SUFFIX)
 
 
 def _load_stats(path: str) -> dict:
     try:
-        return json.loads(_read_bytes(path))
+        with open(path, "rb") as f:
+            return json.loads(f.read())
     except ValueError as err:
         raise PmdError(
             f"{path}: unreadable shard stats ({err}); delete it and re-run `pmd build` to redo the shard"
         ) from None
 
 
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def _source_summary(out: Path, name: str, sample_shards: int, codes: bool) -> dict:
-    plan = json.loads((out / "_plan" / name / "_plan.json").read_text())
+    plan = json.loads((plan_folder(out, name) / PLAN_MARKER).read_text())
     shards = [_load_stats(p) for p in shard_stats_files(out, name)]
     finished = {s["shard"] for s in shards}  # a sidecar counts only beside a finished shard
-    sidecars = {k: v for k, v in read_sidecars(out, name, with_codes=codes).items() if k in finished}
+    sidecars = {k: v for k, v in read_sidecars(out / name, with_codes=codes).items() if k in finished}
     for shard in shards:  # a tokenized shard's tar was rewritten: its size is the sidecar's
         if shard["shard"] in sidecars:
             shard["tar_bytes"] = sidecars[shard["shard"]]["tar_bytes"]
@@ -105,7 +100,6 @@ def _source_summary(out: Path, name: str, sample_shards: int, codes: bool) -> di
     summary["shards_planned"] = plan["shards"]
     summary["rejected_raw_records"] = plan["rejected_raw_records"]
     summary["rejected_by_reason"] = plan["rejected_by_reason"]
-    summary["paper"] = paper_figures(name)
     summary["tokens"] = _tokens(list(sidecars.values()), summary["shards"])
     summary["distribution"] = _distribution(*written_rows(out, name, sample_shards))
     return _derived(summary)
@@ -131,66 +125,7 @@ def _derived(s: dict) -> dict:
     return s
 
 
-# --- the paper's figures -------------------------------------------------------------------------
-
-
-def paper_figures(name: str) -> dict | None:
-    """FLAVA Table 2's pairs and mean words for a registered PMD source (None for unimodal or unknown ones)."""
-    from sources import REGISTRY
-
-    source = REGISTRY.get(name)
-    if source is None or not source.info.paper_pairs:
-        return None
-    return {"pairs_millions": source.info.paper_pairs, "mean_words": source.info.paper_avg_words}
-
-
-def _paper_total(figures: list[dict | None]) -> dict | None:
-    """The paper's total over the sources of this build: pairs add up, mean words weighted by pairs."""
-    known = [f for f in figures if f]
-    if not known:
-        return None
-    pairs = sum(f["pairs_millions"] for f in known)
-    words = sum(f["pairs_millions"] * f["mean_words"] for f in known) / pairs
-    return {"pairs_millions": round(pairs, 2), "mean_words": round(words, 2)}
-
-
 # --- dVAE token sidecars -------------------------------------------------------------------------
-
-
-def read_sidecars(out: Path, source: str, with_codes: bool = False) -> dict[str, dict]:
-    """{shard name: sidecar} for the tokenized shards of a source (NNNNN_dvae.json marks a shard tokenized).
-
-    The 8192 code counts are nearly all of a sidecar's bytes (400 MB of JSON for 10,000 shards), so they are
-    parsed only when asked for (`pmd stats --codes`, `--plots`); otherwise code_counts is None.
-    """
-    return {
-        os.path.basename(path).removesuffix(SIDECAR_SUFFIX): parse_sidecar(path, with_codes)
-        for path in _files_ending(out / source, SIDECAR_SUFFIX)
-    }
-
-
-def parse_sidecar(path: str, with_codes: bool) -> dict:
-    """One sidecar; its code_counts None unless `with_codes` (they are 97% of its bytes and of the parse time)."""
-    data = _read_bytes(path)
-    try:
-        start = data.find(b'"code_counts"')
-        begin, end = data.index(b"[", start), data.index(b"]", start)  # a flat list of integers
-        sidecar = json.loads(data[:start] + b'"code_counts": null' + data[end + 1 :])
-        if with_codes:
-            sidecar["code_counts"] = _int_list(data[begin + 1 : end])
-    except (ValueError, KeyError, TypeError) as err:
-        raise PmdError(f"{path}: unreadable dVAE sidecar ({err}); re-run the tokenize stage for this shard") from None
-    return sidecar
-
-
-def _int_list(text: bytes) -> np.ndarray:
-    """The 8192 code counts; numpy's text parser is 10x faster than json.loads + np.asarray here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a partly parsed list warns; make it an error
-        counts = np.fromstring(text.decode("ascii"), dtype=np.int64, sep=",")
-    if len(counts) != CODEBOOK_SIZE:
-        raise ValueError(f"{len(counts)} code counts, expected {CODEBOOK_SIZE}")
-    return counts
 
 
 def code_counts(sidecars: list[dict]) -> np.ndarray | None:
@@ -256,7 +191,7 @@ ROW_COLUMNS = ["status", "kept_captions", "original_width", "original_height", "
 
 def written_rows(out: Path, source: str, sample_shards: int = DEFAULT_SAMPLE_SHARDS) -> tuple[pl.DataFrame, int]:
     """(written rows, shards read) of an evenly spaced subset of finished shards: caption words and image sizes."""
-    parquets = [p.removesuffix("_stats.json") + ".parquet" for p in shard_stats_files(out, source)]
+    parquets = [p.removesuffix(STATS_SUFFIX) + PARQUET_SUFFIX for p in shard_stats_files(out, source)]
     parquets = evenly_spaced(parquets, sample_shards)
     if not parquets:
         return pl.DataFrame(schema={"words": pl.List(pl.Int64), **{c: pl.Int64 for c in ROW_COLUMNS[2:]}}), 0

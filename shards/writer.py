@@ -1,21 +1,37 @@
-"""Write one shard: the webdataset tar of its samples and the parquet of every input row with its status."""
+"""Write one shard: the webdataset tar of its samples and the parquet of every input row with its status.
+
+The fetch stage hands it one `Fetched` record per sample key; the stats it returns are written last by the
+caller (the completion marker).
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
-import webdataset as wds
 
 from pmd_pipeline.faults import crash_point
-from pmd_pipeline.fetch import Fetched
-from shards.layout import IMAGE_EXT, JSON_EXT, TEXT_EXT, ShardPaths, check_safe_name, temp_path_for
+from shards.files import atomic_path
+from shards.layout import IMAGE_EXT, JSON_EXT, TEXT_EXT, ShardPaths, check_safe_name
+from shards.tar import write_tar
 
 WRITTEN, DROPPED, FAILED = "written", "dropped", "failed"
+
+
+@dataclass
+class Fetched:
+    """The outcome for one sample: image bytes ready for the shard, or a reason code and the raw error."""
+
+    jpg: bytes | None = None
+    reason: str | None = None
+    error: str | None = None
+    width: int | None = None
+    height: int | None = None
+    original_width: int | None = None
+    original_height: int | None = None
 
 
 def write_shard(paths: ShardPaths, rows: pl.DataFrame, fetched: dict[str, Fetched]) -> dict:
@@ -24,7 +40,6 @@ def write_shard(paths: ShardPaths, rows: pl.DataFrame, fetched: dict[str, Fetche
     `rows` are the shard's filtered plan rows: `reason` null means the row was meant to become a sample;
     `fetched` holds the image outcome of every such row that has an image.
     """
-    paths.folder.mkdir(parents=True, exist_ok=True)
     outcomes = [_outcome(row, fetched) for row in rows.iter_rows(named=True)]
     tar_bytes, tar_sha256 = _write_tar(paths.tar, rows, outcomes)
     table = _status_table(rows, outcomes)
@@ -45,23 +60,13 @@ def _outcome(row: dict, fetched: dict[str, Fetched]) -> tuple[str, str | None, F
 
 
 def _write_tar(path: Path, rows: pl.DataFrame, outcomes) -> tuple[int, str]:
-    """Samples in plan order with fixed tar headers, so the same inputs give the same bytes."""
-    tmp = temp_path_for(path)
-    try:
-        with open(tmp, "wb") as f:
-            with wds.TarWriter(f, user="pmd", group="pmd", mode=0o444, mtime=0, encoder=False) as tar:
-                for row, (status, _, result) in zip(rows.iter_rows(named=True), outcomes, strict=True):
-                    if status == WRITTEN:
-                        tar.write(_sample(row, result))
-            f.flush()
-            os.fsync(f.fileno())
-        digest, size = _sha256(tmp), tmp.stat().st_size
-        crash_point("write_tar", path.parents[1])
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return size, digest
+    """Samples in plan order, so the same inputs give the same bytes."""
+    samples = (
+        _sample(row, result)
+        for row, (status, _, result) in zip(rows.iter_rows(named=True), outcomes, strict=True)
+        if status == WRITTEN
+    )
+    return write_tar(path, samples, before_rename=lambda: crash_point("write_tar", path.parents[1]))
 
 
 def _sample(row: dict, result: Fetched | None) -> dict:
@@ -122,13 +127,8 @@ def _status_table(rows: pl.DataFrame, outcomes) -> pl.DataFrame:
 
 
 def _write_parquet_atomic(table: pl.DataFrame, path: Path) -> None:
-    tmp = temp_path_for(path)
-    try:
+    with atomic_path(path) as tmp:
         table.write_parquet(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def shard_stats(paths: ShardPaths, table: pl.DataFrame, tar_bytes: int, tar_sha256: str) -> dict:
@@ -160,11 +160,3 @@ def shard_stats(paths: ShardPaths, table: pl.DataFrame, tar_bytes: int, tar_sha2
 def _count(table: pl.DataFrame, status: str) -> dict[str, int]:
     counts = table.filter(pl.col("status") == status)["reason"].value_counts()
     return {r: int(n) for r, n in counts.iter_rows()}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

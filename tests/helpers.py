@@ -10,7 +10,7 @@ from pathlib import Path
 from pmd_pipeline.build import build
 from pmd_pipeline.config import TokenizeConfig
 from pmd_pipeline.embedded import default_config, materialize
-from pmd_pipeline.mirror import StaticServer, use_mirror
+from pmd_pipeline.fetch.mirror import StaticServer, use_mirror
 from pmd_pipeline.output import claim_output
 
 

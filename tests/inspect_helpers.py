@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from shards.layout import atomic_write_json
+from shards.files import atomic_write_json
 
 CODES_USED = 300  # the fake tokens draw from the first 300 codes, so "codes used" is checkable
 CODEBOOK_ID = "random, seed 0"

@@ -14,9 +14,9 @@ from PIL import Image
 from torch import nn
 from transformers import FlavaImageCodebook, FlavaImageCodebookConfig
 
-from pmd_pipeline.codebook import codebook_identity, dalle_to_flava_keys, files_identity, load_codebook
-from pmd_pipeline.dvae import BadImage, DvaeTokenizer, agreement, encoder_pixels, token_problem
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.tokens.codebook import codebook_identity, dalle_to_flava_keys, files_identity, load_codebook
+from pmd_pipeline.tokens.encoder import BadImage, DvaeTokenizer, agreement, encoder_pixels, token_problem
 
 SMALL = {"hidden_size": 8, "num_blocks_per_group": 1}  # plumbing tests: real layout, 8192 codes, few weights
 
@@ -144,7 +144,8 @@ def test_dalle_pickle_loads_through_the_real_loader_and_gives_the_same_logits(tm
     torch.manual_seed(1)
     encoder = Encoder().eval()
     save_dalle_pickle(tmp_path / "encoder.pkl", encoder)
-    monkeypatch.setattr("pmd_pipeline.codebook.FlavaImageCodebookConfig", lambda: FlavaImageCodebookConfig(**SMALL))
+    small = lambda: FlavaImageCodebookConfig(**SMALL)  # noqa: E731
+    monkeypatch.setattr("pmd_pipeline.tokens.codebook.FlavaImageCodebookConfig", small)
     codebook = load_codebook(tmp_path / "encoder.pkl")
     assert codebook.identity == files_identity([tmp_path / "encoder.pkl"]) and not codebook.random
     x = torch.from_numpy(pixels(2))

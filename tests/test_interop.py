@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pmd_pipeline.inspect.verify import run_verify
+from pmd_pipeline.inspection.verify import run_verify
 from tests.inspect_helpers import copy_build, tar_samples, tokenize_build
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pmd_pipeline.config import BuildConfig, ImageConfig, load_config
 from pmd_pipeline.errors import PmdError
-from pmd_pipeline.fetch import make_resizer, read_local
+from pmd_pipeline.fetch.images import make_resizer, read_local
 from shards.layout import check_safe_name
 from sources.base import make_key
 from tests.hostile_web import jpeg, png_claiming

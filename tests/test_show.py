@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pmd_pipeline.cli import app
-from pmd_pipeline.inspect.show import GRID_CELL, PALETTE
+from pmd_pipeline.inspection.show import GRID_CELL, PALETTE
 from tests.inspect_helpers import copy_build, tar_samples, tokenize_build
 
 runner = CliRunner()

@@ -8,13 +8,13 @@ import zipfile
 
 import pytest
 
-from pmd_pipeline.archives import ArchiveReader
 from pmd_pipeline.build import build
 from pmd_pipeline.config import BuildConfig, SourceConfig
 from pmd_pipeline.errors import PmdError
-from pmd_pipeline.metadata import localize_metadata
-from pmd_pipeline.mirror import StaticServer, rewrite_url, use_mirror
-from pmd_pipeline.reasons import reason_code
+from pmd_pipeline.fetch.archives import ArchiveReader
+from pmd_pipeline.fetch.metadata import localize_metadata
+from pmd_pipeline.fetch.mirror import StaticServer, rewrite_url, use_mirror
+from pmd_pipeline.fetch.reasons import reason_code
 
 
 def test_mirror_rewrites_scheme_and_host_into_a_path():

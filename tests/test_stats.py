@@ -53,7 +53,9 @@ def test_caption_words_agree_with_the_captions_in_the_tars(embedded_build):
 
 
 def test_paper_figures_come_from_the_registry(embedded_build):
-    report = collect_stats(embedded_build[0])
+    from pmd_pipeline.inspection.stats_view import with_paper_figures
+
+    report = with_paper_figures(collect_stats(embedded_build[0]))
     for name, summary in report["sources"].items():
         info = REGISTRY[name].info
         expected = {"pairs_millions": info.paper_pairs, "mean_words": info.paper_avg_words}

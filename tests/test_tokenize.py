@@ -12,12 +12,15 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pmd_pipeline.codebook import load_codebook
-from pmd_pipeline.dvae import INT8_SUFFIX, DvaeTokenizer, encoder_pixels
 from pmd_pipeline.errors import PmdError
-from pmd_pipeline.tokenize import read_samples, rewrite_tar, sidecar_path, tokenize_shard
-from pmd_pipeline.tokenize_stage import calibration_pixels, refuse_mixed_precision
-from shards.layout import ShardPaths, atomic_write_json
+from pmd_pipeline.tokens.codebook import load_codebook
+from pmd_pipeline.tokens.encoder import DvaeTokenizer, encoder_pixels
+from pmd_pipeline.tokens.shard import tokenize_shard
+from pmd_pipeline.tokens.stage import calibration_pixels, refuse_mixed_precision
+from shards.files import atomic_write_json
+from shards.layout import ShardPaths
+from shards.sidecar import INT8_SUFFIX
+from shards.tar import read_samples, write_tar
 from tests.test_dvae_codebook import small_hf_folder
 
 
@@ -37,7 +40,7 @@ def make_shard(out, n=5, source="toy"):
         {"__key__": "broken", "jpg": b"<html>not an image</html>", "json": b"{}"},
     ]
     paths.folder.mkdir(parents=True)
-    _, sha = rewrite_tar(paths.tar, samples)
+    _, sha = write_tar(paths.tar, samples)
     atomic_write_json(paths.stats, {"shard": paths.name, "samples_written": len(samples), "tar_sha256": sha})
     return paths
 
@@ -66,7 +69,7 @@ def test_tokens_are_added_to_every_image_sample_and_the_sidecar_is_right(tmp_pat
     assert len(sidecar["code_counts"]) == 8192 and sum(sidecar["code_counts"]) == 5 * 196
     assert sidecar["tar_sha256"] == hashlib.sha256(paths.tar.read_bytes()).hexdigest()
     assert sidecar["tar_bytes"] == paths.tar.stat().st_size and sidecar["codebook"] == identity
-    assert json.loads(sidecar_path(paths).read_text()) == sidecar
+    assert json.loads(paths.sidecar.read_text()) == sidecar
     assert not sidecar["codebook_random"]
 
 
@@ -91,7 +94,7 @@ def test_killed_attempt_is_redone_and_a_finished_shard_is_skipped(tmp_path, smal
     original = paths.tar.read_bytes()
     stale = paths.folder / f".{paths.name}.tar.123.dead.tmp"  # a killed attempt's half-written tar
     stale.write_bytes(original[:1000])
-    assert not sidecar_path(paths).exists()
+    assert not paths.sidecar.exists()
     sidecar = tokenize_shard(paths, tokenizer, identity, batch_size=2)
     assert not stale.exists() and sidecar["samples_tokenized"] == 2
     mtime = paths.tar.stat().st_mtime_ns
@@ -99,13 +102,13 @@ def test_killed_attempt_is_redone_and_a_finished_shard_is_skipped(tmp_path, smal
     assert again["skipped"] and paths.tar.stat().st_mtime_ns == mtime
     # a crash between the tar's rename and the sidecar: tokens exist, no sidecar -> redone, same bytes
     tokenized = paths.tar.read_bytes()
-    sidecar_path(paths).unlink()
+    paths.sidecar.unlink()
     assert tokenize_shard(paths, tokenizer, identity, batch_size=2)["tar_sha256"] == sidecar["tar_sha256"]
     assert paths.tar.read_bytes() == tokenized
     # a sidecar damaged from outside (it is written atomically) is not trusted: the shard is redone
-    sidecar_path(paths).write_text(sidecar_path(paths).read_text()[:300])
+    paths.sidecar.write_text(paths.sidecar.read_text()[:300])
     assert not tokenize_shard(paths, tokenizer, identity, batch_size=2).get("skipped")
-    assert json.loads(sidecar_path(paths).read_text())["tar_sha256"] == sidecar["tar_sha256"]
+    assert json.loads(paths.sidecar.read_text())["tar_sha256"] == sidecar["tar_sha256"]
 
 
 def test_an_interrupted_rewrite_leaves_the_old_tar_intact(tmp_path, small, monkeypatch):
@@ -116,10 +119,10 @@ def test_an_interrupted_rewrite_leaves_the_old_tar_intact(tmp_path, small, monke
     def killed(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("pmd_pipeline.tokenize.os.replace", killed)
+    monkeypatch.setattr("shards.files.os.replace", killed)
     with pytest.raises(KeyboardInterrupt):
         tokenize_shard(paths, tokenizer, identity, batch_size=2)
-    assert paths.tar.read_bytes() == before and not sidecar_path(paths).exists()
+    assert paths.tar.read_bytes() == before and not paths.sidecar.exists()
     assert not list(paths.folder.glob(".*.tmp"))
 
 

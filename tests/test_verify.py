@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pmd_pipeline.cli import app
-from pmd_pipeline.inspect.verify import verify_build
+from pmd_pipeline.inspection.verify import verify_build
 from tests.inspect_helpers import copy_build, npy_bytes, read_members, tar_samples, tokenize_build, write_tar
 
 runner = CliRunner()
@@ -119,7 +119,7 @@ def test_tokens_without_a_sidecar_are_caught(damaged):
 
 
 def test_unimodal_sources_need_their_own_members(embedded_build):
-    from pmd_pipeline.inspect.verify import check_sample
+    from pmd_pipeline.inspection.verify import check_sample
 
     sample = next(iter(tar_samples(embedded_build[0], "coco").values()))
     image_only = {"jpg": sample["jpg"], "json": sample["json"]}

@@ -13,8 +13,8 @@ import pytest
 
 from pmd_pipeline.build import build
 from pmd_pipeline.config import BuildConfig, SourceConfig
-from pmd_pipeline.fetch import fetch_urls
-from pmd_pipeline.web import GuardedOpener, WebError, WebPolicy
+from pmd_pipeline.fetch.images import fetch_urls
+from pmd_pipeline.fetch.web import GuardedOpener, WebError, WebPolicy
 from tests.hostile_web import FAULTS, HostileWeb
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.train.config import DataConfig
-from shards.layout import SIDECAR_SUFFIX
+from shards.layout import SIDECAR_SUFFIX, STATS_SUFFIX, TAR_SUFFIX, shard_tars
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Preflight:
 
 def preflight(data: DataConfig) -> Preflight:
     root = Path(data.shards)
-    if not root.is_dir() or not any(root.glob("*/*.tar")):
+    if not root.is_dir() or not any(root.glob(f"*/*{TAR_SUFFIX}")):
         raise PmdError(f"no shards in {root}: run `just build-pmd` first (or set data.shards in the config)")
     report = Preflight(tars={}, samples={}, mix=dict(data.mix), codebook="")
     codebooks: dict[str, str] = {}
@@ -55,8 +55,8 @@ def _task_folders(root: Path, data: DataConfig) -> dict[str, list[Path]]:
 
 
 def _finished_shards(folder: Path, task: str, data: DataConfig, report: Preflight, codebooks: dict):
-    for tar in sorted(folder.glob("[0-9]*.tar")):
-        stats_path = tar.with_name(f"{tar.stem}_stats.json")
+    for tar in shard_tars(folder):
+        stats_path = tar.with_name(f"{tar.stem}{STATS_SUFFIX}")
         if not stats_path.exists():  # still being written (or crashed): the build's resume will finish it
             report.skipped["unfinished"] = report.skipped.get("unfinished", 0) + 1
             continue

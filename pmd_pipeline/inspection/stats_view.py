@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pmd_pipeline.errors import PmdError
-from pmd_pipeline.inspect import console_for
+from pmd_pipeline.inspection import console_for
 from shards.stats import DEFAULT_SAMPLE_SHARDS, collect_stats
 
 
@@ -25,6 +25,7 @@ def run_stats(
     if sample_shards < 0:
         raise PmdError("--sample-shards must be 0 (read every shard) or a positive number")
     report = collect_stats(out, source, sample_shards=sample_shards, codes=codes or plots is not None)
+    report = with_paper_figures(report)
     if as_json:
         print(json.dumps(public_report(report), indent=1))
     else:
@@ -39,11 +40,39 @@ def run_stats(
             note = escape(tokens.get("note", ""))
             console.print(f"tokens: {escape(str(tokens.get('codebook')))}{random}: {note}", highlight=False)
     if plots is not None:
-        from pmd_pipeline.inspect.plots import write_plots
+        from pmd_pipeline.inspection.plots import write_plots
 
         written = write_plots(out, report, plots, sample_shards)
         Console(stderr=True).print(f"{len(written)} charts written to {plots}", highlight=False)
     return report
+
+
+def with_paper_figures(report: dict) -> dict:
+    """The build's counts beside FLAVA Table 2's pairs and mean words, per source and in total."""
+    for name, summary in report["sources"].items():
+        summary["paper"] = paper_figures(name)
+    report["total"]["paper"] = _paper_total([s["paper"] for s in report["sources"].values()])
+    return report
+
+
+def paper_figures(name: str) -> dict | None:
+    """FLAVA Table 2's pairs and mean words for a registered PMD source (None for unimodal or unknown ones)."""
+    from sources import REGISTRY
+
+    source = REGISTRY.get(name)
+    if source is None or not source.info.paper_pairs:
+        return None
+    return {"pairs_millions": source.info.paper_pairs, "mean_words": source.info.paper_avg_words}
+
+
+def _paper_total(figures: list[dict | None]) -> dict | None:
+    """The paper's total over the sources of this build: pairs add up, mean words weighted by pairs."""
+    known = [f for f in figures if f]
+    if not known:
+        return None
+    pairs = sum(f["pairs_millions"] for f in known)
+    words = sum(f["pairs_millions"] * f["mean_words"] for f in known) / pairs
+    return {"pairs_millions": round(pairs, 2), "mean_words": round(words, 2)}
 
 
 def public_report(report: dict) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -19,27 +18,15 @@ from img2dataset.downloader import Downloader
 from img2dataset.resizer import Resizer
 from PIL import Image
 
-from pmd_pipeline.archives import ArchiveReader
 from pmd_pipeline.config import BuildConfig, ImageConfig
 from pmd_pipeline.faults import crash_point
-from pmd_pipeline.mirror import rewrite_url
-from pmd_pipeline.reasons import reason_code
-from pmd_pipeline.web import WebPolicy, installed
+from pmd_pipeline.fetch.archives import ArchiveReader
+from pmd_pipeline.fetch.mirror import rewrite_url
+from pmd_pipeline.fetch.reasons import reason_code
+from pmd_pipeline.fetch.web import WebPolicy, installed
+from shards.writer import Fetched
 
 ALLOWED_SCHEMES = ("http://", "https://")
-
-
-@dataclass
-class Fetched:
-    """The outcome for one sample: image bytes ready for the shard, or a reason code and the raw error."""
-
-    jpg: bytes | None = None
-    reason: str | None = None
-    error: str | None = None
-    width: int | None = None
-    height: int | None = None
-    original_width: int | None = None
-    original_height: int | None = None
 
 
 class GuardedResizer(Resizer):

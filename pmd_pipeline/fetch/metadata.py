@@ -8,9 +8,10 @@ from pathlib import Path
 
 from pmd_pipeline.config import BuildConfig, SourceConfig
 from pmd_pipeline.errors import PmdError
-from pmd_pipeline.mirror import rewrite_url
-from pmd_pipeline.web import WebPolicy, stream_url
-from shards.layout import temp_path_for
+from pmd_pipeline.fetch.mirror import rewrite_url
+from pmd_pipeline.fetch.web import WebPolicy, stream_url
+from shards.files import atomic_path
+from shards.layout import METADATA_FOLDER
 
 
 def is_url(path: str) -> bool:
@@ -19,7 +20,7 @@ def is_url(path: str) -> bool:
 
 def localize_metadata(cfg: BuildConfig, source_cfg: SourceConfig) -> SourceConfig:
     """The same source config with every metadata URL replaced by its downloaded copy."""
-    folder = Path(cfg.out) / "_metadata" / source_cfg.name
+    folder = Path(cfg.out) / METADATA_FOLDER / source_cfg.name
     local = [str(_download(url, folder, cfg.fetch)) if is_url(url) else url for url in source_cfg.metadata]
     return replace(source_cfg, metadata=local)
 
@@ -28,16 +29,13 @@ def _download(url: str, folder: Path, fetch) -> Path:
     target = folder / (Path(url.split("?")[0]).name or "metadata")
     if target.exists():
         return target  # downloaded by an earlier run: metadata of a build never changes under it
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(target)
     try:
         with (
+            atomic_path(target) as tmp,
             stream_url(rewrite_url(url, fetch.mirror), WebPolicy.from_config(fetch)) as r,
             open(tmp, "wb") as f,
         ):
             shutil.copyfileobj(r, f)
-        tmp.replace(target)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise PmdError(f"could not download metadata {url}: {err}") from None
     return target

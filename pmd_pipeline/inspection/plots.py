@@ -12,7 +12,8 @@ matplotlib.use("Agg")  # files only: no display on build machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from shards.stats import CODEBOOK_SIZE, written_rows  # noqa: E402
+from shards.layout import CODEBOOK_SIZE  # noqa: E402
+from shards.stats import written_rows  # noqa: E402
 
 TOP_REASONS = 20
 TOP_CODES_SHOWN = 20

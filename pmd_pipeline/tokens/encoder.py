@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pmd_pipeline.codebook import VOCAB_SIZE
-from pmd_pipeline.config import INT8_SUFFIX
 from pmd_pipeline.errors import PmdError
+from shards.layout import CODEBOOK_SIZE, TOKEN_GRID
+from shards.sidecar import INT8_SUFFIX
 
 INPUT_SIZE = 112  # the encoder's input; 3 max-pools later the grid is 14x14
-GRID = (14, 14)
 LOGIT_LAPLACE_EPS = 0.1  # DALL-E's map_pixels: x' = (1 - 2 eps) x + eps
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
@@ -55,11 +54,11 @@ def encoder_pixels(jpg: bytes) -> np.ndarray:
 
 def token_problem(tokens: np.ndarray) -> str | None:
     """None when `tokens` is a valid KEY.dvae.npy array, else the reason code of the failed sample."""
-    if not isinstance(tokens, np.ndarray) or tokens.shape != GRID:
+    if not isinstance(tokens, np.ndarray) or tokens.shape != TOKEN_GRID:
         return "dvae_bad_shape"
     if tokens.dtype != np.uint16:
         return "dvae_bad_dtype"
-    if tokens.size and int(tokens.max()) >= VOCAB_SIZE:
+    if tokens.size and int(tokens.max()) >= CODEBOOK_SIZE:
         return "dvae_out_of_range"
     return None
 

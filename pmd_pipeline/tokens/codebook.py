@@ -22,8 +22,8 @@ from torch import nn
 from transformers import FlavaImageCodebook, FlavaImageCodebookConfig
 
 from pmd_pipeline.errors import PmdError
+from shards.layout import CODEBOOK_SIZE
 
-VOCAB_SIZE = 8192
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -107,8 +107,8 @@ def _load_hf_folder(folder: Path) -> FlavaImageCodebook:
 
 
 def _check_vocab(vocab_size: int, where: Path) -> None:
-    if vocab_size != VOCAB_SIZE:
-        raise PmdError(f"{where}: codebook has {vocab_size} codes; the shard format needs DALL-E's {VOCAB_SIZE}")
+    if vocab_size != CODEBOOK_SIZE:
+        raise PmdError(f"{where}: codebook has {vocab_size} codes; the shard format needs DALL-E's {CODEBOOK_SIZE}")
 
 
 # --- DALL-E's encoder.pkl ---------------------------------------------------------------------------------

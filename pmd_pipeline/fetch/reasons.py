@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 _HTTP_STATUS = re.compile(r"HTTP Error (\d{3})")
-_OURS = re.compile(r"pmd:([a-z0-9_]+):")  # pmd_pipeline.web.WebError and the guarded resizer
+_OURS = re.compile(r"pmd:([a-z0-9_]+):")  # pmd_pipeline.fetch.web.WebError and the guarded resizer
 
 # urllib reports these as "HTTP Error 30x: ...": the redirect is the story, not its status code.
 _REDIRECT_PATTERNS = [

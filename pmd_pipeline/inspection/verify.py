@@ -21,16 +21,27 @@ from rich.markup import escape
 from rich.table import Table
 
 from pmd_pipeline.errors import PmdError
-from pmd_pipeline.inspect import console_for
-from shards.layout import IMAGE_EXT, JSON_EXT, SIDECAR_SUFFIX, TEXT_EXT, TOKENS_EXT, atomic_write_json
-from shards.stats import CODEBOOK_SIZE, source_names
+from pmd_pipeline.inspection import console_for
+from shards.files import atomic_write_json
+from shards.layout import (
+    CODEBOOK_SIZE,
+    IMAGE_EXT,
+    JSON_EXT,
+    MANIFEST_FILE,
+    SIDECAR_SUFFIX,
+    SIZES_FILE,
+    STATS_SUFFIX,
+    TEXT_EXT,
+    TOKENS_EXT,
+    WIDS_INDEX,
+    shard_tars,
+)
+from shards.stats import source_names
 
 KNOWN_EXTS = {IMAGE_EXT, TEXT_EXT, JSON_EXT, TOKENS_EXT}
 IMAGE_ONLY_SOURCES = {"imagenet"}  # the shared contract: unimodal sources write their own shard sets
 TEXT_ONLY_SOURCES = {"text_corpus"}
 TOKEN_SHAPE = (14, 14)
-SIZES_FILE = "sizes.json"
-WIDS_INDEX = "shardindex.json"
 MAX_LISTED = 30
 
 
@@ -59,15 +70,15 @@ def verify_build(out: Path, source: str | None = None) -> dict[str, list[ShardCh
 
 
 def _manifest(out: Path) -> dict:
-    path = out / "manifest.json"
+    path = out / MANIFEST_FILE
     if not path.exists():
-        raise PmdError(f"{out} has no manifest.json: the build has not finished; re-run `pmd build`")
+        raise PmdError(f"{out} has no {MANIFEST_FILE}: the build has not finished; re-run `pmd build`")
     return json.loads(path.read_text())
 
 
 def verify_source(out: Path, name: str, manifest: dict, pool: ThreadPoolExecutor) -> list[ShardCheck]:
     listed = {s["tar"]: s for s in manifest["sources"].get(name, {}).get("shard_files", [])}
-    on_disk = {f"{name}/{p.name}" for p in (out / name).glob("[0-9]*.tar")}
+    on_disk = {f"{name}/{p.name}" for p in shard_tars(out / name)}
     checks = list(pool.map(lambda tar: verify_shard(out, name, tar, listed.get(tar)), sorted(listed.keys() | on_disk)))
     if name not in manifest["sources"]:
         checks.append(ShardCheck(f"{name}/", problems=["source is missing from manifest.json"]))
@@ -175,7 +186,7 @@ def _check_counts(path: Path, listed: dict | None, digest: str, check: ShardChec
     """Sample counts vs the manifest and the shard's stats; a tokens sidecar must describe this very tar."""
     if listed and listed["samples"] != check.samples:
         check.problems.append(f"{check.samples} samples, manifest.json says {listed['samples']}")
-    stats_path = path.with_name(path.stem + "_stats.json")
+    stats_path = path.with_name(path.stem + STATS_SUFFIX)
     if not stats_path.exists():
         check.problems.append("no _stats.json: the shard never finished")
     elif (written := json.loads(stats_path.read_text())["samples_written"]) != check.samples:

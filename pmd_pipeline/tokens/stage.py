@@ -2,39 +2,29 @@
 
 One actor per GPU when the cluster has GPUs; otherwise CPU actors (by default one, using every core:
 the encoder's convolutions already use all threads, and a second copy of 54M parameters buys nothing).
-Runs inside `pmd build` after every shard is written, and alone as `pmd tokenize OUT`.
+Runs inside `pmd build` after every shard is written, and alone as `pmd tokenize OUT` (build.retokenize).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import tarfile
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import ray
 
-from pmd_pipeline.codebook import codebook_identity
-from pmd_pipeline.config import BuildConfig, TokenizeConfig
-from pmd_pipeline.dvae import BadImage, check_precision, encoder_pixels, tokens_identity
+from pmd_pipeline.config import TokenizeConfig
 from pmd_pipeline.errors import PmdError
-from pmd_pipeline.tokenize import needs_tokens, read_sidecar
+from pmd_pipeline.tokens.codebook import codebook_identity
+from pmd_pipeline.tokens.encoder import BadImage, check_precision, encoder_pixels, tokens_identity
+from pmd_pipeline.tokens.shard import needs_tokens
 from shards.layout import IMAGE_EXT, ShardPaths
+from shards.sidecar import read_sidecar
 
 CALIBRATION_IMAGES = 32  # int8: half fit the activation ranges, half measure agreement with fp32
 
 log = logging.getLogger(__name__)
-
-
-def finished_shards(out: Path) -> list[ShardPaths]:
-    """Every finished shard of a build folder (the ones with a stats file), in source and index order."""
-    shards = []
-    for stats in sorted(out.glob("*/[0-9]*_stats.json")):
-        if not stats.parent.name.startswith("_"):
-            shards.append(ShardPaths(out, stats.parent.name, int(stats.name.split("_")[0])))
-    return shards
 
 
 def shards_to_tokenize(shards: list[ShardPaths], tcfg: TokenizeConfig, force: bool = False) -> list[ShardPaths]:
@@ -149,8 +139,8 @@ class TokenizeActor:
     def __init__(self, tcfg: TokenizeConfig, threads: int, calibration: np.ndarray | None):
         import torch
 
-        from pmd_pipeline.codebook import load_codebook
-        from pmd_pipeline.dvae import DvaeTokenizer, default_batch_size
+        from pmd_pipeline.tokens.codebook import load_codebook
+        from pmd_pipeline.tokens.encoder import DvaeTokenizer, default_batch_size
 
         torch.set_num_threads(threads)
         codebook = load_codebook(tcfg.codebook, tcfg.seed)
@@ -165,45 +155,6 @@ class TokenizeActor:
         return self.tokenizer.precision
 
     def tokenize(self, paths: ShardPaths, force: bool) -> dict:
-        from pmd_pipeline.tokenize import tokenize_shard
+        from pmd_pipeline.tokens.shard import tokenize_shard
 
         return tokenize_shard(paths, self.tokenizer, self.identity, self.batch_size, force)
-
-
-def saved_config(out: Path) -> BuildConfig:
-    """The config a build folder was made with (OUT/config.json), as a BuildConfig."""
-    from pmd_pipeline.config import config_from_dict
-
-    try:
-        saved = json.loads((out / "config.json").read_text())["config"]
-    except (OSError, ValueError, KeyError):
-        raise PmdError(f"{out} is not a pmd build output (no readable config.json)") from None
-    saved["sources"] = {s.pop("name"): s for s in saved["sources"]}
-    saved["filters"] = [{"name": f["name"], **f["params"]} for f in saved["filters"]]
-    saved["out"] = str(out.resolve())
-    return config_from_dict(saved, base_dir=out.resolve())
-
-
-def tokenize_output(
-    out: Path, codebook: str | None = None, force: bool = False, on_progress=None, precision: str | None = None
-) -> dict:
-    """`pmd tokenize OUT`: add (or, with force, redo) tokens in every finished shard, then rewrite the manifest."""
-    from pmd_pipeline.manifest import write_manifest
-    from shards.layout import atomic_write_json
-
-    cfg = saved_config(out)
-    if codebook is not None:
-        cfg.tokenize.codebook = str(Path(codebook).expanduser().resolve()) if codebook else ""
-    if precision is not None:
-        cfg.tokenize.precision = precision
-    shards = finished_shards(out)
-    if not shards:
-        raise PmdError(f"{out} has no finished shards to tokenize; run `pmd build` first")
-    todo = shards_to_tokenize(shards, cfg.tokenize, force)
-    failed = tokenize_shards(cfg.tokenize, todo, force, on_progress, all_shards=shards)
-    if failed:
-        return {"shards": len(shards), "tokenized": len(todo) - len(failed), "failed": failed, "manifest": None}
-    saved = json.loads((out / "config.json").read_text())
-    saved["config"]["tokenize"] = cfg.to_dict()["tokenize"]  # the manifest and a later build see this codebook
-    atomic_write_json(out / "config.json", saved)
-    return {"shards": len(shards), "tokenized": len(todo), "failed": [], "manifest": write_manifest(cfg)}

@@ -15,8 +15,18 @@ from rich.console import Console
 from rich.panel import Panel
 
 from pmd_pipeline.errors import PmdError
-from shards.layout import IMAGE_EXT, JSON_EXT, SAFE_NAME, TEXT_EXT, TOKENS_EXT
-from shards.stats import CODEBOOK_SIZE, source_names
+from shards.layout import (
+    CODEBOOK_SIZE,
+    IMAGE_EXT,
+    JSON_EXT,
+    PARQUET_SUFFIX,
+    SAFE_NAME,
+    TAR_SUFFIX,
+    TEXT_EXT,
+    TOKENS_EXT,
+    shard_tars,
+)
+from shards.stats import source_names
 
 GRID_CELL = 16  # px per token: a 14x14 grid becomes 224x224, the size of the stored image
 # One fixed colour per code, so the same code looks the same in every grid.
@@ -43,7 +53,7 @@ def run_show(out: Path, key: str | None, source: str | None, n: int, to: Path) -
 def find_sample(out: Path, key: str) -> dict:
     """The sample with this key: the shard parquets say which tar holds it, then only that tar is read."""
     names = source_names(out)
-    parquets = [p for name in names for p in sorted((out / name).glob("[0-9]*.parquet"))]
+    parquets = [p for name in names for p in sorted((out / name).glob(f"[0-9]*{PARQUET_SUFFIX}"))]
     if not parquets:
         raise PmdError(f"{out} has no finished shards")
     hits = (
@@ -57,7 +67,7 @@ def find_sample(out: Path, key: str) -> dict:
     status, reason, parquet = hits.row(0)
     if status != "written":
         raise PmdError(f"{key!r} was not written: {status} ({reason})")
-    tar = Path(parquet).with_suffix(".tar")
+    tar = Path(parquet).with_suffix(TAR_SUFFIX)
     for sample in read_tar_samples(tar):
         if sample["__key__"] == key:
             return sample
@@ -66,7 +76,7 @@ def find_sample(out: Path, key: str) -> dict:
 
 def first_samples(out: Path, source: str, n: int) -> Iterator[dict]:
     source_names(out, source)  # a clear error for an unknown source
-    tars = sorted((out / source).glob("[0-9]*.tar"))
+    tars = shard_tars(out / source)
     if not tars:
         raise PmdError(f"source {source!r} has no shards in {out}")
     shown = 0
