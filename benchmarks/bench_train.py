@@ -15,9 +15,10 @@ import webdataset as wds
 from pmd_pipeline.train.config import DataConfig, ModelConfig, load_train_config
 from pmd_pipeline.train.data import TaskStream, decode_sample, make_loader
 from pmd_pipeline.train.model import FlavaTasks, build_model, normalise_pixels
+from pmd_pipeline.train.optim import make_optimizer
 from pmd_pipeline.train.preflight import preflight
 from pmd_pipeline.train.tokenizer import SPECIAL, prepare_tokenizer, train_wordpiece
-from pmd_pipeline.train.trainer import make_optimizer, train_step
+from pmd_pipeline.train.trainer import train_step
 from tests.train_fixtures import make_pmd
 
 REPEATS = 5

@@ -19,9 +19,10 @@ from torch.nn import functional as F
 
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.train.checkpoint import restore_rng
+from pmd_pipeline.train.distributed import next_batch_everywhere
 from pmd_pipeline.train.losses import global_contrastive
 from pmd_pipeline.train.sampling import task_for_step
-from pmd_pipeline.train.trainer import _next_batch_everywhere, train
+from pmd_pipeline.train.trainer import train
 from tests.train_fixtures import make_pmd
 
 WORLD, BATCH = 2, 4
@@ -64,7 +65,7 @@ def _worker(rank: int, init_file: str, out: str):
         grads = {n: p.grad.clone() for n, p in model.module.named_parameters()}
         tasks = [task_for_step(s, 3, {"pairs": 0.7, "image": 0.15, "text": 0.15}) for s in range(500)]
         try:
-            _next_batch_everywhere(_FailingOn(rank), "pairs", WORLD)
+            next_batch_everywhere(_FailingOn(rank), "pairs", WORLD)
             stopped = False
         except PmdError:
             stopped = True

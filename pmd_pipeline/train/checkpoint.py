@@ -1,13 +1,14 @@
-"""Checkpoints: model, optimizer, scheduler, step, data position and every RNG, so resume is exact."""
+"""Checkpoints: model, optimizer, scheduler, step, data position, every RNG and the resolved config: resume is exact."""
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from shards.files import atomic_path
 
 
 def save_checkpoint(
@@ -18,9 +19,11 @@ def save_checkpoint(
     scheduler,
     consumed: dict[str, int],
     rng_states: list[dict] | None = None,
+    config: dict | None = None,
 ) -> Path:
     """model_state/optimizer_state: whole (unsharded) state dicts; the caller gathers them under FSDP.
-    rng_states: every rank's `rng_state()`, in rank order (default: this process's only)."""
+    rng_states: every rank's `rng_state()`, in rank order (default: this process's only).
+    config: the resolved train config the run was started with (a checkpoint says what made it)."""
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:08d}.pt"
@@ -31,10 +34,10 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict(),
         "consumed_batches": dict(consumed),  # the data position: batches taken per task
         "rng": rng_states or [rng_state()],  # one per rank: ranks are seeded apart and must stay apart
+        "config": config,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half checkpoint behind
+    with atomic_path(path) as tmp:  # a killed run never leaves a half checkpoint behind
+        torch.save(state, tmp)
     return path
 
 

@@ -25,7 +25,6 @@ class DataConfig:
     max_text_len: int = 32
     codebook: str = "auto"  # "auto" = the one all shards share; else must equal the sidecars' codebook
     skip_untokenized: bool = False  # True: leave shards without tokens out (counted) instead of stopping
-    shuffle_buffer: int = 64
 
 
 @dataclass
