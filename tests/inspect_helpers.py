@@ -10,8 +10,8 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
+from shards import tar as shard_tar
 from shards.files import atomic_write_json
 
 CODES_USED = 300  # the fake tokens draw from the first 300 codes, so "codes used" is checkable
@@ -34,9 +34,7 @@ def write_tar(tar: Path, members: list[tuple[str, bytes]]) -> None:
     for name, data in members:
         key, _, ext = name.partition(".")
         samples.setdefault(key, {"__key__": key})[ext] = data
-    with wds.TarWriter(str(tar), user="pmd", group="pmd", mode=0o444, mtime=0, encoder=False) as writer:
-        for sample in samples.values():
-            writer.write(sample)
+    shard_tar.write_tar(tar, samples.values())
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -54,9 +52,7 @@ def tokenize_shard(tar: Path, rng: np.random.Generator) -> dict:
             tokens = rng.integers(0, CODES_USED, size=(14, 14), dtype=np.uint16)
             counts += np.bincount(tokens.ravel(), minlength=8192)
             members.append((name.removesuffix(".jpg") + ".dvae.npy", npy_bytes(tokens)))
-    tmp = tar.with_name(f".{tar.name}.tmp")
-    write_tar(tmp, members)
-    tmp.replace(tar)
+    write_tar(tar, members)
     sidecar = {
         "codebook": CODEBOOK_ID,
         "codebook_random": True,
