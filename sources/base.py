@@ -8,10 +8,11 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
-from pmd_pipeline.config import FilterConfig, SourceConfig
+from pmd_pipeline.config import FilterConfig, SourceConfig, checked
 from pmd_pipeline.errors import PmdError
 
 # One candidate row per unique image (after cropping). `captions[i]` came from `caption_fields[i]`.
@@ -101,6 +102,18 @@ class Source:
     # The caption filters this source's rule names; None: the build's global `filters` list.
     default_filters: tuple[FilterConfig, ...] | None = None
     needs_metadata: bool = True  # False for sources read from their images alone (an image folder)
+    # Every `options` key the source reads, with its type (pmd_pipeline.config's annotated types); the
+    # config refuses any other key, so a misspelt option cannot be ignored silently.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def check_options(self, cfg: SourceConfig) -> None:
+        unknown = sorted(set(cfg.options) - set(self.options))
+        if unknown:
+            valid = ", ".join(sorted(self.options)) or "none (this source takes no options)"
+            where = f"config [sources.{cfg.name}]"
+            raise PmdError(f"{where}: unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+        for name, value in cfg.options.items():
+            checked(self.options[name], value, f"sources.{cfg.name}.options.{name}")
 
 
 def candidates_frame(rows: list[dict]) -> pl.DataFrame:
