@@ -1,5 +1,5 @@
 """The user's raw files as editors and mirrors really write them: a UTF-8 byte-order mark, CRLF line
-endings, CC3M's three-column mirror layout."""
+endings, CC3M's three-column mirror layout. And a source whose every record is malformed has failed."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pmd_pipeline.config import SourceConfig
+from pmd_pipeline.build import build
+from pmd_pipeline.config import BuildConfig, SourceConfig
 from pmd_pipeline.embedded import default_config
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.plan import PLAN_MARKER, plan_source
+from shards.layout import plan_folder
 from sources import get_source
 from sources.base import RejectLog
 from tests.conftest import realdata
@@ -122,3 +125,41 @@ def test_a_stray_tab_in_a_two_column_cc3m_file_is_still_a_reject(tmp_path):
     path.write_text("a tab\there in the caption\thttp://example.com/0.jpg\n" + "a cat\thttp://example.com/1.jpg\n" * 3)
     rows, rejects = read(SourceConfig("conceptual_captions", metadata=[str(path)]))
     assert rows.height == 3 and rejects == [(path.name, 1, "wrong_column_count")]
+
+
+def all_malformed(tmp_path: Path) -> Path:
+    path = tmp_path / "Train_GCC-training.tsv"
+    path.write_text("".join(f"a\tcaption\tin\tfour columns {i}\n" for i in range(4)))
+    return path
+
+
+def test_a_source_whose_every_record_is_rejected_fails_naming_its_reject_file(tmp_path):
+    cfg = BuildConfig(out=str(tmp_path / "out"), sources=[])
+    source_cfg = SourceConfig("conceptual_captions", metadata=[str(all_malformed(tmp_path))])
+    with pytest.raises(PmdError) as err:
+        plan_source(cfg, source_cfg)
+    rejects_file = tmp_path / "out" / "conceptual_captions" / "_rejects.jsonl"
+    message = str(err.value)
+    assert "\n" not in message and str(rejects_file) in message and "all 4 raw records" in message, message
+    assert len(rejects_file.read_text().splitlines()) == 4
+    assert not (plan_folder(Path(cfg.out), "conceptual_captions") / PLAN_MARKER).exists()  # re-planned once fixed
+    empty = tmp_path / "empty.tsv"
+    empty.write_bytes(b"")  # no records at all is not a malformed source
+    assert plan_source(cfg, SourceConfig("conceptual_12m", metadata=[str(empty)]))["rows"] == 0
+
+
+def test_the_build_fails_that_source_alone_with_one_line(ray_session, tmp_path):
+    good = tmp_path / "cc12m.tsv"
+    good.write_text("http://127.0.0.1:9/1.jpg\ta dog on a red sofa\n")
+    cfg = BuildConfig(
+        out=str(tmp_path / "out"),
+        sources=[
+            SourceConfig("conceptual_captions", metadata=[str(all_malformed(tmp_path))]),
+            SourceConfig("conceptual_12m", metadata=[str(good)]),
+        ],
+    )
+    cfg.fetch.retries = 0
+    result = build(cfg)
+    assert list(result.sources_failed) == ["conceptual_captions"] and result.failed
+    assert result.sources_failed["conceptual_captions"].endswith("conceptual_captions/_rejects.jsonl")
+    assert result.shards_total == 1 and result.shards_done == 1 and result.manifest is None
