@@ -6,14 +6,13 @@ download): that layout is read too, the third column ignored, decided per file (
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
 
 from pmd_pipeline.config import SourceConfig
-from sources.base import RejectLog, Source, SourceInfo, make_key, meta_json, require_files
+from sources.base import RejectLog, Source, SourceInfo, meta_json, require_files, url_key
 from sources.tsv import read_tsv_batches
 
 INFO = SourceInfo(
@@ -29,11 +28,6 @@ INFO = SourceInfo(
 
 
 LAYOUTS = (2, 3)  # caption, url; or caption, url, local_path
-
-
-def url_key(prefix: str, url: str) -> str:
-    """CC rows have no id: the image is identified by its URL, so the key is a hash of it."""
-    return make_key(prefix, hashlib.sha1(url.encode("utf-8")).hexdigest()[:20])
 
 
 def read(cfg: SourceConfig, rejects: RejectLog) -> Iterator[pl.DataFrame]:
