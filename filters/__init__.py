@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+
 import polars as pl
+from pydantic import ValidationError
 
 from filters.base import CaptionFilter
 from filters.caption_length import CaptionLength
 from filters.english import English
 from filters.no_datetime_only import NoDateTimeOnly
 from filters.odd_characters import OddCharacters
-from pmd_pipeline.config import FilterConfig
+from pmd_pipeline.config import FilterConfig, refusal
 from pmd_pipeline.errors import PmdError
 
 REGISTRY: dict[str, type] = {
@@ -24,15 +27,23 @@ IMAGE_ONLY = "image_only"  # caption_mode of unimodal image rows: no caption to 
 
 
 def build_filters(configs: list[FilterConfig]) -> list[CaptionFilter]:
-    filters = []
-    for cfg in configs:
-        if cfg.name not in REGISTRY:
-            raise PmdError(f"unknown filter {cfg.name!r}; valid filters: {', '.join(sorted(REGISTRY))}")
-        try:
-            filters.append(REGISTRY[cfg.name](**cfg.params))
-        except TypeError as err:
-            raise PmdError(f"filter {cfg.name}: bad parameters ({err})") from None
-    return filters
+    return [_build_filter(cfg) for cfg in configs]
+
+
+def _build_filter(cfg: FilterConfig) -> CaptionFilter:
+    """The filter, or one line naming the unknown name, an unknown parameter or a value out of range."""
+    if cfg.name not in REGISTRY:
+        raise PmdError(f"unknown filter {cfg.name!r}; valid filters: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[cfg.name]
+    valid = sorted(inspect.signature(cls).parameters)
+    unknown = sorted(set(cfg.params) - set(valid))
+    if unknown:
+        valid_text = ", ".join(valid) or "none"
+        raise PmdError(f"filter {cfg.name}: unknown parameter(s) {', '.join(unknown)}; valid parameters: {valid_text}")
+    try:
+        return cls(**cfg.params)
+    except ValidationError as err:
+        raise PmdError(f"filter {cfg.name}: {refusal(err, '')}") from None
 
 
 def apply_filters(rows: pl.DataFrame, filters: list[CaptionFilter]) -> pl.DataFrame:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import polars as pl
+from pydantic import validate_call
+
+from pmd_pipeline.config import AtLeastZero
 
 
 class CaptionLength:
     name = "caption_length"
     reason = "too_few_words"
 
-    def __init__(self, min_words: int = 3, max_words: int | None = None):
-        self.min_words = int(min_words)
-        self.max_words = None if max_words is None else int(max_words)
+    @validate_call  # the config's parameters are checked like every other config value
+    def __init__(self, min_words: AtLeastZero = 3, max_words: AtLeastZero | None = None):
+        self.min_words = min_words
+        self.max_words = max_words
 
     def score(self, captions: pl.Series) -> pl.Series:
         return captions.fill_null("").str.count_matches(r"\S+").cast(pl.Float64)

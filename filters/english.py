@@ -12,6 +12,9 @@ from functools import lru_cache
 import polars as pl
 from langdetect import DetectorFactory, detect_langs
 from langdetect.lang_detect_exception import LangDetectException
+from pydantic import validate_call
+
+from pmd_pipeline.config import Share
 
 DetectorFactory.seed = 0  # langdetect is randomised; a fixed seed makes its decisions reproducible
 
@@ -29,8 +32,9 @@ class English:
     name = "english"
     reason = "not_english"
 
-    def __init__(self, min_probability: float = 0.5):
-        self.min_probability = float(min_probability)
+    @validate_call  # the config's parameters are checked like every other config value
+    def __init__(self, min_probability: Share = 0.5):
+        self.min_probability = min_probability
 
     def score(self, captions: pl.Series) -> pl.Series:
         distinct = captions.fill_null("").unique()

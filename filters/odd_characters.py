@@ -7,6 +7,9 @@ Captions made of markup debris, file names and symbol runs (`___`, `{{...}}`, `|
 from __future__ import annotations
 
 import polars as pl
+from pydantic import validate_call
+
+from pmd_pipeline.config import Share
 
 ORDINARY = r"[\p{L}\p{N}\s.,;:!?'\"()&%$€£/+\-]"
 BROKEN = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x{FFFD}]"
@@ -16,8 +19,9 @@ class OddCharacters:
     name = "odd_characters"
     reason = "odd_characters"
 
-    def __init__(self, min_ordinary_share: float = 0.9):
-        self.min_ordinary_share = float(min_ordinary_share)
+    @validate_call  # the config's parameters are checked like every other config value
+    def __init__(self, min_ordinary_share: Share = 0.9):
+        self.min_ordinary_share = min_ordinary_share
 
     def score(self, captions: pl.Series) -> pl.Series:
         """The share of ordinary characters; 0.0 when a control or replacement character is present."""

@@ -16,7 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-from pmd_pipeline.config import BuildConfig, load_config
+from pmd_pipeline.config import BuildConfig
+from pmd_pipeline.config_file import load_config
 from pmd_pipeline.errors import PmdError
 
 app = typer.Typer(help="Rebuild PMD as webdataset shards and pretrain FLAVA on them.", no_args_is_help=True)

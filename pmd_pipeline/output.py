@@ -7,7 +7,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from pmd_pipeline.config import BuildConfig, config_from_dict
+from pmd_pipeline.config import BuildConfig
+from pmd_pipeline.config_file import config_from_dict
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.process import filter_chain
 from shards.files import atomic_write_json

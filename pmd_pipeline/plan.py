@@ -16,6 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from pmd_pipeline.config import BuildConfig, SourceConfig
+from pmd_pipeline.errors import PmdError
 from pmd_pipeline.faults import crash_point
 from pmd_pipeline.fetch.metadata import localize_metadata
 from shards.files import atomic_write_json
@@ -41,9 +42,20 @@ def plan_source(cfg: BuildConfig, source_cfg: SourceConfig) -> dict:
         batches = _merged_by_key(batches, folder / "_parts")
     shards, rows = _write_plan_shards(batches, out, source_cfg.name, cfg.shard_size)
     summary = _summary(source_cfg.name, shards, rows, rejects)
-    _write_rejects(out, source_cfg.name, rejects)
+    rejects_file = _write_rejects(out, source_cfg.name, rejects)
+    if rows == 0 and len(rejects):  # no marker: once the raw files are fixed, a re-run plans the source again
+        raise PmdError(_all_rejected(source_cfg.name, summary, rejects_file))
     atomic_write_json(marker, summary)
     return summary
+
+
+def _all_rejected(source: str, summary: dict, rejects_file: Path) -> str:
+    """A source whose every raw record was malformed has failed: an empty build of it is not a success."""
+    reasons = ", ".join(f"{reason} x{n}" for reason, n in summary["rejected_by_reason"].items())
+    return (
+        f"source {source}: all {summary['rejected_raw_records']} raw records were rejected as malformed "
+        f"({reasons}), so nothing is left to build; see {rejects_file}"
+    )
 
 
 def _limited(batches: Iterator[pl.DataFrame], limit: int | None) -> Iterator[pl.DataFrame]:
@@ -110,8 +122,9 @@ def _summary(source: str, shards: int, rows: int, rejects: RejectLog) -> dict:
     }
 
 
-def _write_rejects(out: Path, source: str, rejects: RejectLog) -> None:
+def _write_rejects(out: Path, source: str, rejects: RejectLog) -> Path:
     """Malformed raw records, kept aside with file and line: OUT/<source>/_rejects.jsonl."""
     folder = out / source
     folder.mkdir(parents=True, exist_ok=True)
     rejects.write_jsonl(folder / REJECTS_FILE)
+    return folder / REJECTS_FILE

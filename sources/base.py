@@ -8,10 +8,11 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
-from pmd_pipeline.config import FilterConfig, SourceConfig
+from pmd_pipeline.config import FilterConfig, SourceConfig, checked
 from pmd_pipeline.errors import PmdError
 
 # One candidate row per unique image (after cropping). `captions[i]` came from `caption_fields[i]`.
@@ -32,21 +33,32 @@ CANDIDATE_SCHEMA = {
     "drop_reason": pl.Utf8,  # set when a source rule drops the row (e.g. karpathy_split_excluded), else null
 }
 
-_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
-
-
+# A sample key is `<source prefix>_<id part>`, made by make_key and nothing else (YFCC maps it over its id
+# column), so every source follows one rule. An id that is already a safe name (letters, digits, '_', '-';
+# at most MAX_ID_CHARS; no "--") is the id part as it is: COCO and YFCC numbers and URL hashes keep the
+# keys they always had. Any other id is sanitised, shortened, and given "--" and a hash of the original id,
+# so ids that differ only in unsafe characters (abc.1, abc-1, abc?1) or past the cut keep distinct keys.
+# The two forms cannot meet: only the hashed one contains "--".
 MAX_ID_CHARS = 120
+SAFE_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_ID_CHARS}}}")
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+HASHED_MARK = "--"
+KEPT_CHARS = 80  # of a sanitised id before its hash: still readable, and the key stays under 120 + prefix
+HASH_CHARS = 20  # hex digits of sha1 (80 bits): a collision among a source's hashed ids is not a real risk
 
 
 def make_key(source_prefix: str, original_id: str | int) -> str:
-    """A sample key from the source and its own id: stable across runs, no dots or path separators.
+    """The sample key of a source's own id: stable across runs, unique per distinct id, a safe file name."""
+    text = str(original_id)
+    if SAFE_ID.fullmatch(text) and HASHED_MARK not in text:
+        return f"{source_prefix}_{text}"
+    digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_CHARS]
+    return f"{source_prefix}_{_UNSAFE_KEY_CHARS.sub('-', text)[:KEPT_CHARS]}{HASHED_MARK}{digest}"
 
-    An id too long to be a file name (hostile or not) is replaced by its sha1, still stable and unique.
-    """
-    safe = _UNSAFE_KEY_CHARS.sub("-", str(original_id))
-    if len(safe) > MAX_ID_CHARS:
-        safe = "sha1-" + hashlib.sha1(str(original_id).encode("utf-8", "surrogatepass")).hexdigest()
-    return f"{source_prefix}_{safe}"
+
+def url_key(prefix: str, url: str) -> str:
+    """Rows without an id (CC, SBU, WIT) are identified by their image URL: the id is a hash of it."""
+    return make_key(prefix, hashlib.sha1(url.encode("utf-8", "surrogatepass")).hexdigest()[:20])
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,18 @@ class Source:
     # The caption filters this source's rule names; None: the build's global `filters` list.
     default_filters: tuple[FilterConfig, ...] | None = None
     needs_metadata: bool = True  # False for sources read from their images alone (an image folder)
+    # Every `options` key the source reads, with its type (pmd_pipeline.config's annotated types); the
+    # config refuses any other key, so a misspelt option cannot be ignored silently.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def check_options(self, cfg: SourceConfig) -> None:
+        unknown = sorted(set(cfg.options) - set(self.options))
+        if unknown:
+            valid = ", ".join(sorted(self.options)) or "none (this source takes no options)"
+            where = f"config [sources.{cfg.name}]"
+            raise PmdError(f"{where}: unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+        for name, value in cfg.options.items():
+            checked(self.options[name], value, f"sources.{cfg.name}.options.{name}")
 
 
 def candidates_frame(rows: list[dict]) -> pl.DataFrame:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pmd_pipeline.config import SourceConfig
+from pmd_pipeline.config import SourceConfig, Text
 from pmd_pipeline.errors import PmdError
 from sources.base import RejectLog, Source, SourceInfo, candidates_frame, make_key, meta_json, require_files
 from sources.rawio import load_json
@@ -121,4 +121,4 @@ def _image_path(filename: str, filepath: str | None, cfg: SourceConfig) -> str:
     return f"{cfg.images[role]}::{role}/{filename}"
 
 
-SOURCE = Source(info=INFO, read=read)
+SOURCE = Source(info=INFO, read=read, options={"splits": list[Text]})

@@ -1,21 +1,24 @@
-"""Conceptual Captions 3M: headerless TSV `caption<TAB>url` (Train_GCC-training.tsv); caption unchanged."""
+"""Conceptual Captions 3M: headerless TSV `caption<TAB>url` (Train_GCC-training.tsv); caption unchanged.
+
+Some mirrors ship the file with a third column (`caption, url, local_path`, the path of their own
+download): that layout is read too, the third column ignored, decided per file (sources/tsv.py).
+"""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
 
 from pmd_pipeline.config import SourceConfig
-from sources.base import RejectLog, Source, SourceInfo, make_key, meta_json, require_files
+from sources.base import RejectLog, Source, SourceInfo, meta_json, require_files, url_key
 from sources.tsv import read_tsv_batches
 
 INFO = SourceInfo(
     name="conceptual_captions",
     title="Conceptual Captions 3M",
-    raw_files="Train_GCC-training.tsv (headerless TSV: caption, url)",
+    raw_files="Train_GCC-training.tsv (headerless TSV: caption, url; mirrors' caption, url, local_path too)",
     images_from="URLs (img2dataset)",
     rules="caption unchanged; one sample per unique URL with all its captions",
     license="free to use, per Google (images: their owners')",
@@ -24,17 +27,15 @@ INFO = SourceInfo(
 )
 
 
-def url_key(prefix: str, url: str) -> str:
-    """CC rows have no id: the image is identified by its URL, so the key is a hash of it."""
-    return make_key(prefix, hashlib.sha1(url.encode("utf-8")).hexdigest()[:20])
+LAYOUTS = (2, 3)  # caption, url; or caption, url, local_path
 
 
 def read(cfg: SourceConfig, rejects: RejectLog) -> Iterator[pl.DataFrame]:
-    return read_tsv_batches(require_files(cfg), 2, rejects, _candidate)
+    return read_tsv_batches(require_files(cfg), LAYOUTS, rejects, _candidate)
 
 
 def _candidate(fields: list[str], path: Path, line_no: int) -> dict:
-    caption, url = fields
+    caption, url = fields[:2]  # a mirror's third column (its local path) is not ours to keep
     return url_caption_row("cc3m", INFO, url, caption, path, line_no)
 
 

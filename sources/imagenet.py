@@ -66,7 +66,7 @@ def _row(relative: str, image_path: str) -> dict:
     parts = Path(relative).parts
     label = parts[-2] if len(parts) >= 2 else None
     return {
-        "key": make_key("imagenet", Path(relative).with_suffix("").as_posix().replace("/", "_")),
+        "key": make_key("imagenet", Path(relative).as_posix()),  # the whole path: a/b_c.jpg and a_b/c.png differ
         "source": INFO.name,
         "image_path": image_path,
         "captions": [],

@@ -5,11 +5,13 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pmd_pipeline.config import SourceConfig
+from pmd_pipeline.config import Flag, SourceConfig, Text
 from pmd_pipeline.errors import PmdError
 from sources.rawio import load_json
 
 EVAL_SPLITS = ("val", "test")
+# The options of a source with the contamination rule (declared in its Source.options).
+CONTAMINATION_OPTIONS = {"karpathy_split_file": Text, "contamination_check": Flag}
 
 
 def contamination_ids(cfg: SourceConfig) -> frozenset[int]:

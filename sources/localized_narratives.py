@@ -13,13 +13,14 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import polars as pl
 
 from pmd_pipeline.config import SourceConfig
 from pmd_pipeline.errors import PmdError
 from sources.base import RejectLog, Source, SourceInfo, candidates_frame, make_key, meta_json, require_files
-from sources.karpathy import contamination_ids
+from sources.karpathy import CONTAMINATION_OPTIONS, contamination_ids
 from sources.rawio import numbered_lines
 from sources.tsv import MAX_LINE_BYTES
 
@@ -136,6 +137,8 @@ SUBSETS = {  # subset: (images from, image placement, Karpathy contamination rul
     "ade20k": ("local ADEChallengeData2016 zip", _ade20k, False),
     "flickr30k": ("local flickr30k-images.tar.gz (manual download; off unless given)", _flickr30k, False),
 }
+# Open Images' own split folders; without the option the split comes from the file name.
+OPTIONS = {"openimages": {"split": Literal["train", "validation", "test"]}, "coco": CONTAMINATION_OPTIONS}
 
 
 def _source(subset: str) -> Source:
@@ -151,7 +154,8 @@ def _source(subset: str) -> Source:
         paper_pairs=1.9,  # the paper gives the four subsets together
         paper_avg_words=13.8,
     )
-    return Source(info=info, read=make_reader(subset, image_of, contamination), repeats_keys=True)
+    read = make_reader(subset, image_of, contamination)
+    return Source(info=info, read=read, repeats_keys=True, options=OPTIONS.get(subset, {}))
 
 
 SOURCES = {f"localized_narratives__{subset}": _source(subset) for subset in SUBSETS}

@@ -15,6 +15,7 @@ from sources.base import RejectLog
 CHUNK_CHARS = 1 << 20
 # What a damaged gzip stream raises part-way through: the records before it are kept, the rest is one reject.
 CORRUPT_STREAM = (EOFError, zlib.error, gzip.BadGzipFile)
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def numbered_lines(path: Path, rejects: RejectLog) -> Iterator[tuple[int, bytes]]:
@@ -29,10 +30,20 @@ def numbered_lines(path: Path, rejects: RejectLog) -> Iterator[tuple[int, bytes]
 
 
 def open_binary(path: Path) -> io.BufferedIOBase:
-    """The file's bytes, gunzipped when it is gzip (by its magic bytes, not its name: real dumps lie)."""
+    """The file's bytes, gunzipped when it is gzip (by its magic bytes, not its name: real dumps lie).
+
+    A UTF-8 byte-order mark (Windows editors and exports write one) is skipped here, for every reader:
+    kept, it became part of the first caption or URL, or hid a JSON array's `[` and a TSV header.
+    """
     with open(path, "rb") as probe:
         gzipped = probe.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+    stream = gzip.open(path, "rb") if gzipped else open(path, "rb")
+    try:
+        if stream.peek(len(UTF8_BOM))[: len(UTF8_BOM)] == UTF8_BOM:
+            stream.read(len(UTF8_BOM))
+    except CORRUPT_STREAM:
+        pass  # a damaged gzip: the reader's first read fails again, where it is reported as such
+    return stream
 
 
 def load_json(path: Path, source: str):

@@ -8,8 +8,7 @@ import polars as pl
 
 from pmd_pipeline.config import SourceConfig
 from pmd_pipeline.errors import PmdError
-from sources.base import RejectLog, Source, SourceInfo, candidates_frame, meta_json, require_files
-from sources.conceptual_captions import url_key
+from sources.base import RejectLog, Source, SourceInfo, candidates_frame, meta_json, require_files, url_key
 from sources.rawio import load_json
 
 INFO = SourceInfo(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pmd_pipeline.config import SourceConfig
+from pmd_pipeline.config import AtLeastOne, SourceConfig, Text
 from sources.base import RejectLog, Source, SourceInfo, candidates_frame, make_key, meta_json, require_files
 from sources.rawio import numbered_lines
 from sources.tsv import MAX_LINE_BYTES
@@ -106,4 +106,4 @@ def _row(path: Path, line_no: int, index: int, passage: str) -> dict:
     }
 
 
-SOURCE = Source(info=INFO, read=read)
+SOURCE = Source(info=INFO, read=read, options={"max_words": AtLeastOne, "text_field": Text})

@@ -16,7 +16,7 @@ import polars as pl
 from pmd_pipeline.config import FilterConfig, SourceConfig
 from pmd_pipeline.errors import PmdError
 from sources.base import RejectLog, Source, SourceInfo, candidates_frame, make_key, meta_json, require_files
-from sources.karpathy import contamination_ids
+from sources.karpathy import CONTAMINATION_OPTIONS, contamination_ids
 from sources.rawio import iter_json_array, load_json
 
 INFO = SourceInfo(
@@ -134,5 +134,9 @@ def _image_path(image: dict, cfg: SourceConfig) -> str:
 
 # Region phrases are short by nature (5.1 words on average in the paper): only empty phrases are dropped.
 SOURCE = Source(
-    info=INFO, read=read, repeats_keys=True, default_filters=(FilterConfig("caption_length", {"min_words": 1}),)
+    info=INFO,
+    read=read,
+    repeats_keys=True,
+    default_filters=(FilterConfig("caption_length", {"min_words": 1}),),
+    options=CONTAMINATION_OPTIONS,
 )

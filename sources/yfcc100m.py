@@ -15,7 +15,7 @@ from urllib.parse import unquote_plus
 import polars as pl
 
 from pmd_pipeline.config import FilterConfig, SourceConfig
-from sources.base import CANDIDATE_SCHEMA, RejectLog, Source, SourceInfo, require_files
+from sources.base import CANDIDATE_SCHEMA, RejectLog, Source, SourceInfo, make_key, require_files
 from sources.rawio import CORRUPT_STREAM, open_binary
 from sources.tsv import check_line
 
@@ -82,6 +82,10 @@ def _well_formed(path: Path, first_line: int, lines: list[bytes], rejects: Rejec
     return good, numbers
 
 
+def yfcc_key(photo_id: str) -> str:
+    return make_key("yfcc", photo_id)
+
+
 def clean_text(encoded: pl.Series) -> pl.Series:
     """URL-decode (`+` is a space, `%0A` a newline), strip HTML tags, collapse whitespace."""
     decoded = pl.Series([unquote_plus(t) if t else "" for t in encoded], dtype=pl.Utf8)
@@ -94,7 +98,7 @@ def candidates(lines: pl.Series, file_lines: pl.Series) -> pl.DataFrame:
     title, description = clean_text(raw["title"]), clean_text(raw["description"])
     frame = raw.with_columns(title=title, description=description, file_line=file_lines)
     return frame.select(
-        key=pl.lit("yfcc_") + pl.col("photo_id").str.replace_all(r"[^A-Za-z0-9_-]", "-"),
+        key=pl.col("photo_id").map_elements(yfcc_key, return_dtype=pl.Utf8),  # the one key rule (sources/base.py)
         source=pl.lit(INFO.name),
         image_url=pl.col("download_url"),
         image_path=pl.lit(None, dtype=pl.Utf8),

@@ -9,7 +9,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from pmd_pipeline.config import BuildConfig, ImageConfig, load_config
+from pmd_pipeline.config import BuildConfig, ImageConfig
+from pmd_pipeline.config_file import load_config
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.fetch.images import make_resizer, read_local
 from shards.layout import check_safe_name
@@ -76,11 +77,11 @@ def test_config_files_are_data_never_executed(tmp_path):
     config = tmp_path / "evil.toml"
     config.write_text(
         f"out = \"__import__('os').system('touch {marker}')\"\n"
-        '[sources.conceptual_captions]\nmetadata = ["x.tsv"]\noptions = { code = "exec(1)" }\n'
+        '[sources.text_corpus]\nmetadata = ["x.txt"]\noptions = { text_field = "exec(1)" }\n'
     )
     cfg = load_config(config)
     assert not marker.exists()
-    assert cfg.sources[0].options == {"code": "exec(1)"}
+    assert cfg.sources[0].options == {"text_field": "exec(1)"}  # options are declared per source: a known one
     config.write_text("import os\nos.system('true')\n")
     with pytest.raises(PmdError, match="not valid TOML"):
         load_config(config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,3 +70,35 @@ def test_show_explains_a_row_that_was_not_written(tokenized, tmp_path):
     key, reason = dropped.row(0, named=True)["key"], dropped.row(0, named=True)["reason"]
     result = runner.invoke(app, ["show", str(tokenized), key, "--to", str(tmp_path)])
     assert result.exit_code == 2 and f"was not written: dropped ({reason})" in flat(result.output)
+
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J[bold]loud[/] closes [/] nothing, [unbalanced and ]] [[x] \x9b31m \u202eevil"
+
+
+def hostile_build(tmp_path) -> tuple[Path, str]:
+    """A one-sample build whose caption, url, licence and label carry terminal escapes and rich markup."""
+    from tests.inspect_helpers import write_tar
+
+    out, key = tmp_path / "out", "cc3m_0f8e9c1a2b3c4d5e6f70"
+    (out / "_plan" / "conceptual_captions").mkdir(parents=True)
+    (out / "_plan" / "conceptual_captions" / "_plan.json").write_text("{}")
+    (out / "config.json").write_text("{}")
+    (out / "conceptual_captions").mkdir()
+    meta = {"captions": [HOSTILE], "url": f"http://x.example/[/]{HOSTILE}", "license": "[red]" + HOSTILE}
+    meta["meta"] = {"label": HOSTILE}
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(image, "JPEG")
+    members = [(f"{key}.jpg", image.getvalue()), (f"{key}.txt", HOSTILE.encode())]
+    write_tar(out / "conceptual_captions" / "00000.tar", [*members, (f"{key}.json", json.dumps(meta).encode())])
+    return out, key
+
+
+def test_show_prints_data_escaped_for_the_terminal_and_for_rich(tmp_path):
+    out, key = hostile_build(tmp_path)
+    args = ["show", str(out), "--source", "conceptual_captions", "--n", "1", "--to", str(tmp_path / "to")]
+    result = runner.invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output  # rich markup in a caption used to crash it (MarkupError)
+    assert not set(result.output) & set("\x1b\x07\x9b\u202e"), repr(result.output)  # no raw control character
+    visible = "\\x1b]0;pwned\\x07\\x1b[2J[bold]loud[/] closes [/] nothing, [unbalanced and ]] [[x] \\x9b31m \\u202eevil"
+    assert result.output.count(visible) == 4, result.output  # caption, url, licence, label: shown as written
+    assert "[red]\\x1b]0;pwned" in result.output and (tmp_path / "to" / f"{key}.jpg").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import polars as pl
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 
 from pmd_pipeline.errors import PmdError
@@ -31,6 +33,9 @@ from shards.stats import source_names
 GRID_CELL = 16  # px per token: a 14x14 grid becomes 224x224, the size of the stored image
 # One fixed colour per code, so the same code looks the same in every grid.
 PALETTE = np.random.default_rng(0).integers(0, 256, size=(CODEBOOK_SIZE, 3), dtype=np.uint8)
+# C0/C1 controls (ESC starts sequences that retitle or clear the terminal; \x9b is a CSI by itself on some)
+# and the bidi overrides that reorder what is shown: printed as escapes (\x1b, \u202e), never raw.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def run_show(out: Path, key: str | None, source: str | None, n: int, to: Path) -> list[dict]:
@@ -46,7 +51,7 @@ def run_show(out: Path, key: str | None, source: str | None, n: int, to: Path) -
     console = Console()
     for sample in samples:
         files = write_sample_files(sample, to)
-        console.print(Panel(describe(sample, files), title=sample["__key__"], title_align="left"))
+        console.print(Panel(describe(sample, files), title=shown(sample["__key__"]), title_align="left"))
     return samples
 
 
@@ -124,21 +129,29 @@ def token_grid_image(tokens: np.ndarray) -> Image.Image:
     )
 
 
+def shown(value) -> str:
+    """A value from the data, safe to print: control characters made visible, rich markup escaped."""
+    text = CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(value))
+    return escape(text)
+
+
 def describe(sample: dict, files: list[Path]) -> str:
+    """The sample as rich markup: every value in it came from the data, so each goes through shown()."""
     meta = json.loads(sample[JSON_EXT]) if JSON_EXT in sample else {}
-    captions = meta.get("captions") or ([sample[TEXT_EXT].decode()] if TEXT_EXT in sample else [])
-    lines = [f"[bold]source[/]   {meta.get('source', Path(sample['source_tar']).parent.name)}"]
-    lines += [f"[bold]caption[/]  {c}" for c in captions] or ["[bold]caption[/]  - (image only)"]
-    lines.append(f"[bold]url[/]      {meta.get('url') or meta.get('image_path') or '-'}")
-    lines.append(f"[bold]licence[/]  {meta.get('license') or '-'}")
+    captions = meta.get("captions") or ([sample[TEXT_EXT].decode(errors="replace")] if TEXT_EXT in sample else [])
+    lines = [f"[bold]source[/]   {shown(meta.get('source', Path(sample['source_tar']).parent.name))}"]
+    lines += [f"[bold]caption[/]  {shown(c)}" for c in captions] or ["[bold]caption[/]  - (image only)"]
+    lines.append(f"[bold]url[/]      {shown(meta.get('url') or meta.get('image_path') or '-')}")
+    lines.append(f"[bold]licence[/]  {shown(meta.get('license') or '-')}")
     if "width" in meta:
-        lines.append(
-            f"[bold]size[/]     stored {meta['width']}x{meta['height']}, original "
+        size = (
+            f"stored {meta['width']}x{meta['height']}, original "
             f"{meta.get('original_width')}x{meta.get('original_height')}, crop {meta.get('crop_box') or '-'}"
         )
+        lines.append(f"[bold]size[/]     {shown(size)}")
     if meta.get("meta") and isinstance(meta["meta"], dict) and "label" in meta["meta"]:
-        lines.append(f"[bold]label[/]    {meta['meta']['label']}")
+        lines.append(f"[bold]label[/]    {shown(meta['meta']['label'])}")
     lines.append(f"[bold]tokens[/]   {'14x14 dVAE grid' if TOKENS_EXT in sample else 'none'}")
-    lines.append(f"[bold]shard[/]    {sample['source_tar']}")
-    lines += [f"[bold]wrote[/]    {f}" for f in files]
+    lines.append(f"[bold]shard[/]    {shown(sample['source_tar'])}")
+    lines += [f"[bold]wrote[/]    {shown(f)}" for f in files]
     return "\n".join(lines)
