@@ -4,7 +4,7 @@ What it enforces, per request (see FetchConfig for the knobs):
 - http and https only, also after redirects; no proxies from the environment; no file:, ftp: or data:.
 - No connection to loopback, private, link-local (cloud metadata), multicast or reserved addresses,
   checked on the resolved address that is actually connected to (so DNS cannot point us inside), unless
-  the host is listed in `allowed_private_hosts` (a mirror or cache the operator runs on purpose).
+  the host and port are listed in `allowed_private_hosts` (a mirror or cache the operator runs on purpose).
 - A response-size cap, a deadline over the whole request (connect, TLS, status line, headers, every
   redirect hop, body: a server that trickles any of them is cut off), and no content encodings (we ask
   for identity; a gzip bomb is refused, never inflated).
@@ -40,6 +40,7 @@ RETRYABLE_HTTP = {429, 500, 502, 503, 504}
 BACKOFF_HTTP = {429, 503}  # the server asked us to slow down
 REDIRECT_HTTP = {301, 302, 303, 307, 308}
 MAX_REDIRECTS = 5
+DEFAULT_PORTS = (80, 443)  # what a bare host in allowed_private_hosts allows
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class WebPolicy:
     backoff_s: float = 1.0
     backoff_max_s: float = 30.0
     max_per_host: int = 16
-    allowed_private_hosts: frozenset[str] = frozenset()
+    allowed_private_hosts: frozenset[str] = frozenset()  # "host:port" entries; a bare "host" means ports 80, 443
     user_agent: str = "pmd-pipeline"
 
     @classmethod
@@ -67,6 +68,29 @@ class WebPolicy:
             allowed_private_hosts=frozenset(h.lower() for h in fetch.allowed_private_hosts),
             user_agent=fetch.user_agent_token,
         )
+
+    def __post_init__(self):
+        # Parsed once, here: a malformed entry fails where the policy is made, not on every connection.
+        endpoints = frozenset(e for entry in self.allowed_private_hosts for e in allowed_endpoints(entry))
+        object.__setattr__(self, "_private_endpoints", endpoints)
+
+    def allows_private(self, host: str, port: int) -> bool:
+        return (host.lower(), port) in self._private_endpoints
+
+
+def allowed_endpoints(entry: str) -> list[tuple[str, int]]:
+    """`host:port` or `[v6]:port` allows that port only; a bare host only the default ports, never every port."""
+    entry = entry.strip().lower()
+    if entry.count(":") > 1 and not entry.startswith("["):
+        entry = f"[{entry}]"  # a bare IPv6 address
+    parts = urlsplit(f"//{entry}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"allowed_private_hosts: {entry!r} is not host or host:port") from None
+    if not parts.hostname:
+        raise ValueError(f"allowed_private_hosts: {entry!r} is not host or host:port")
+    return [(parts.hostname, p) for p in ((port,) if port else DEFAULT_PORTS)]
 
 
 class WebError(OSError):
@@ -113,12 +137,12 @@ def _guarded_create_connection(policy: WebPolicy, clock: _Clock, address, timeou
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
         raise WebError("dns_error", f"{host}: {err}") from None
-    allowed = host.lower() in policy.allowed_private_hosts
+    allowed = policy.allows_private(host, port)
     last_error: OSError | None = None
     for family, socktype, proto, _, sockaddr in infos:
         ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
         if not allowed and not is_public_address(ip):
-            raise WebError("blocked_address", f"{host} resolves to non-public address {ip}")
+            raise WebError("blocked_address", f"{host}:{port} resolves to non-public address {ip}")
         sock = socket.socket(family, socktype, proto)
         try:
             sock.settimeout(clock.budget())

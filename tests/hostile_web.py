@@ -96,12 +96,12 @@ class HostileWeb:
         self.httpd.daemon_threads = True
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+        return f"http://{self.endpoint}{path}"
 
     @property
     def endpoint(self) -> str:
-        """What allowed_private_hosts must list to reach this server."""
-        return "127.0.0.1"
+        """host:port, as allowed_private_hosts takes it (a bare 127.0.0.1 allows only ports 80 and 443)."""
+        return f"127.0.0.1:{self.httpd.server_address[1]}"
 
     def __enter__(self):
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()

@@ -53,6 +53,16 @@ def test_a_metadata_download_follows_redirects_and_streams_past_the_image_cap():
             assert response.read() == OK_JPEG
 
 
+def test_a_redirect_to_another_port_of_an_allowed_host_is_refused():
+    """`127.0.0.1:A` allows port A: a redirect from there to port B of the same host is a request inside."""
+    with HostileWeb() as web, HostileWeb() as other:
+        url = web.url(f"/redirect-to-port/{other.httpd.server_address[1]}")
+        with pytest.raises(urllib.error.URLError, match="pmd:blocked_address"):
+            GuardedOpener(policy_for(web)).open(url)
+        assert GuardedOpener(policy_for(web, other)).open(url).read() == OK_JPEG
+    assert other.hits["/ok.jpg"] == 1
+
+
 @pytest.mark.parametrize("max_per_host", [1, 2])
 def test_same_host_redirects_do_not_wait_for_their_own_slot(max_per_host):
     """Every slot held by a request that redirects to the same host: each must go on in the slot it holds."""
