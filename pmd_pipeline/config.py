@@ -40,6 +40,9 @@ class ImageConfig:
     encode_format: str = "jpg"
     encode_quality: int = 95
     max_pixels: int = 50_000_000  # larger images are refused from their header, before decoding (bombs)
+    # Thinner images (long side / short side) are refused from their header too: 100,000 x 10 is a 3 KB PNG
+    # that scaling its short side to `size` turns into gigabytes. Real panoramas and banners stay under ~10.
+    max_aspect_ratio: float = 20.0
 
 
 @dataclass

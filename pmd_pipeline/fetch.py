@@ -53,7 +53,8 @@ class ImageRefused(ValueError):
 class GuardedResizer(Resizer):
     """img2dataset's Resizer (its settings, its resize steps, its encoder), fed pixels Pillow decoded once.
 
-    - The header is read first: an image with too many pixels (a decompression bomb) is refused undecoded.
+    - The header is read first: an image with too many pixels (a decompression bomb) or too thin an aspect
+      ratio (100,000 x 10 would be scaled to 224 x 2,240,000 before the crop) is refused undecoded.
       img2dataset checks the area only after cv2 has decoded the whole image.
     - Pillow decodes every format it reads (nothing reaches a decoder unchecked), then the pixels are made
       what a viewer shows: see `viewer_pixels`. cv2 alone ignored EXIF orientation and stored 16-bit PNGs
@@ -61,8 +62,8 @@ class GuardedResizer(Resizer):
     - The image is always re-encoded: no web bytes reach a shard as is.
     """
 
-    def __init__(self, max_pixels: int, **kwargs):
-        super().__init__(max_image_area=max_pixels, **kwargs)
+    def __init__(self, max_pixels: int, max_aspect_ratio: float, **kwargs):
+        super().__init__(max_image_area=max_pixels, max_aspect_ratio=max_aspect_ratio, **kwargs)
 
     def __call__(self, img_stream, blurring_bbox_list=None):
         """img2dataset's downloader calls this (we give it no blurring column)."""
@@ -88,7 +89,7 @@ class GuardedResizer(Resizer):
             img = _open_image(data)
             try:
                 box = _crop_rect(img, crop_box)
-                self._check_shape(img.size)
+                self._check_shape(box[2] - box[0], box[3] - box[1], img.size)
                 return viewer_pixels(img, None if crop_box is None else box)
             except ImageRefused:
                 raise
@@ -97,10 +98,12 @@ class GuardedResizer(Resizer):
             finally:
                 img.close()
 
-    def _check_shape(self, full: tuple[int, int]) -> None:
-        """From the header alone: the whole image is decoded."""
+    def _check_shape(self, width: int, height: int, full: tuple[int, int]) -> None:
+        """From the header alone: the whole image is decoded (its pixels), the region is resized (its ratio)."""
         if full[0] * full[1] > self.max_image_area:
             raise ImageRefused("image_too_many_pixels", f"{full[0]}x{full[1]} > {self.max_image_area} pixels")
+        if max(width, height) / min(width, height) > self.max_aspect_ratio:
+            raise ImageRefused("image_aspect_ratio", f"{width}x{height} is thinner than 1:{self.max_aspect_ratio:g}")
 
     def _resize(self, img: np.ndarray) -> np.ndarray:
         """img2dataset 1.47's resize steps (the same albumentations transforms, so the same pixels)."""
@@ -211,6 +214,7 @@ def _on_white(rgba: np.ndarray) -> np.ndarray:
 def make_resizer(image: ImageConfig) -> GuardedResizer:
     return GuardedResizer(
         max_pixels=image.max_pixels,
+        max_aspect_ratio=image.max_aspect_ratio,
         image_size=image.size,
         resize_mode=image.resize_mode,
         resize_only_if_bigger=False,

@@ -1,4 +1,4 @@
-"""Stored pixels are what the image shows, for every format Pillow reads.
+"""Stored pixels are what the image shows, for every format Pillow reads; thin images cost no more than others.
 
 The reference is Pillow's own view of the same bytes: ImageOps.exif_transpose, then convert("RGB"), alpha
 composited on white. Two rules are ours, because Pillow's convert is wrong there: 16-bit samples are
@@ -8,6 +8,11 @@ scaled to 8 bits (convert clips every value over 255 to white), and alpha is com
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
+import time
 
 import cv2
 import numpy as np
@@ -195,3 +200,55 @@ def test_local_images_and_their_crops_get_the_same_pixels(tmp_path):
     cropped = np.asarray(raw.crop(box).transpose(Image.Transpose.ROTATE_270).convert("RGB"))
     assert np.array_equal(got["cropped"], cropped)
     assert np.array_equal(got["deep"], grey16_expected)
+
+
+# --- aspect-ratio bombs: tiny files that scaling the short side to 224 makes gigabytes ---
+
+_THIN = """
+import io, json, resource, sys, time
+from PIL import Image
+from pmd_pipeline.config import ImageConfig
+from pmd_pipeline.fetch import make_resizer
+
+def vm_bytes():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+
+resizer = make_resizer(ImageConfig())
+images = {}
+for width in (100_000, 1_000_000):
+    out = io.BytesIO()
+    Image.new("RGB", (width, 10), (200, 30, 30)).save(out, "PNG")
+    images[width] = out.getvalue()
+# the cap: what this process maps now, plus 1 GiB (scaling 1,000,000 x 10 to 224 asks for 15 GB)
+resource.setrlimit(resource.RLIMIT_AS, (vm_bytes() + 2**30, resource.RLIM_INFINITY))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+results = {}
+for width, data in images.items():
+    started = time.monotonic()
+    error = resizer(io.BytesIO(data))[-1]
+    results[width] = {"error": error, "seconds": time.monotonic() - started, "kb": len(data) // 1024}
+results["rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(json.dumps(results))
+"""
+
+
+def test_thin_images_are_refused_from_their_header_with_bounded_work():
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}  # albumentations asks pypi.org on import otherwise
+    run = subprocess.run([sys.executable, "-c", _THIN], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    for width in ("100000", "1000000"):
+        assert results[width]["error"].startswith("pmd:image_aspect_ratio"), results[width]
+        assert results[width]["seconds"] < 0.5, results[width]
+    assert results["rss_growth_mb"] < 100, results
+
+
+def test_the_aspect_ratio_limit_is_configurable_and_applies_to_a_crop():
+    strip = encode(Image.new("RGB", (400, 10)), "PNG")  # 40:1
+    assert make_resizer(ImageConfig())(io.BytesIO(strip))[-1].startswith("pmd:image_aspect_ratio")
+    assert make_resizer(ImageConfig(max_aspect_ratio=50))(io.BytesIO(strip))[-1] is None
+    started = time.monotonic()
+    square = encode(Image.new("RGB", (400, 400)), "PNG")
+    thin_crop = make_resizer(ImageConfig()).resize_bytes(square, [0, 0, 400, 10])
+    assert thin_crop[-1].startswith("pmd:image_aspect_ratio") and time.monotonic() - started < 1
