@@ -283,3 +283,34 @@ class HostileWeb:
                 return self._send(404, b"unknown fault", "text/plain")
 
         return Handler
+
+
+class TrickledTls:
+    """A TCP server on 127.0.0.1 that answers a TLS ClientHello with a 16 KB handshake record, one byte at a time."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.stopping = threading.Event()
+        self.endpoint = f"127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def __enter__(self):
+        threading.Thread(target=self._serve, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.listener.close()
+
+    def _serve(self):
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:  # closed before anyone connected
+            return
+        with conn:
+            try:
+                conn.recv(65536)  # the ClientHello
+                conn.sendall(b"\x16\x03\x03\x40\x00")  # record header: handshake, TLS 1.2, 16384 bytes follow
+                while not self.stopping.wait(0.2):
+                    conn.sendall(b"\x02")
+            except OSError:  # the client gave up
+                pass

@@ -15,7 +15,7 @@ from pmd_pipeline.build import build
 from pmd_pipeline.config import BuildConfig, SourceConfig
 from pmd_pipeline.fetch import fetch_urls
 from pmd_pipeline.web import GuardedOpener, WebError, WebPolicy, stream_url
-from tests.hostile_web import FAULTS, HostileWeb
+from tests.hostile_web import FAULTS, HostileWeb, TrickledTls
 
 
 def hostile_config(out: Path, *webs: HostileWeb) -> BuildConfig:
@@ -153,4 +153,14 @@ def test_a_metadata_download_has_the_deadline_until_its_headers(path):
         started = time.monotonic()
         with pytest.raises(OSError, match="pmd:deadline_exceeded"):
             stream_url(web.url(path), policy)
+        assert time.monotonic() - started < policy.deadline_s + 1.0
+
+
+def test_a_trickled_tls_handshake_ends_at_the_deadline():
+    """timeout_s alone would let the handshake run 5 s; the deadline (1.5 s) ends it."""
+    with TrickledTls() as server:
+        policy = WebPolicy(timeout_s=5.0, deadline_s=1.5, retries=1, allowed_private_hosts=frozenset({server.endpoint}))
+        started = time.monotonic()
+        with pytest.raises(OSError, match="pmd:deadline_exceeded"):
+            GuardedOpener(policy).open(f"https://{server.endpoint}/a.jpg")
         assert time.monotonic() - started < policy.deadline_s + 1.0
