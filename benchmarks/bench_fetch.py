@@ -8,6 +8,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from benchmarks.local_web import make_images, serve
 
@@ -31,7 +32,7 @@ def run() -> dict:
         times = {"img2dataset": [], "pmd": []}
         for round_ in range(ROUNDS):
             times["img2dataset"].append(_time_img2dataset(tsv, work / f"i2d_{round_}"))
-            times["pmd"].append(_time_pmd(tsv, work / f"pmd_{round_}"))
+            times["pmd"].append(_time_pmd(tsv, work / f"pmd_{round_}", base))
     finally:
         server.terminate()
         shutil.rmtree(work, ignore_errors=True)
@@ -88,7 +89,7 @@ def _time_img2dataset(tsv: Path, out: Path) -> float:
     return elapsed
 
 
-def _time_pmd(tsv: Path, out: Path) -> float:
+def _time_pmd(tsv: Path, out: Path, base: str) -> float:
     from pmd_pipeline.build import build
     from pmd_pipeline.config import BuildConfig, SourceConfig
 
@@ -97,7 +98,7 @@ def _time_pmd(tsv: Path, out: Path) -> float:
     )
     cfg.fetch.thread_count, cfg.fetch.retries = THREADS, 0
     cfg.fetch.max_per_host = THREADS  # one local host serves everything: no politeness limit in a speed test
-    cfg.fetch.allowed_private_hosts = ["127.0.0.1"]
+    cfg.fetch.allowed_private_hosts = [urlsplit(base).netloc]  # the bench server's host:port, that port only
     cfg.tokenize.enabled = False  # fetch is measured here; the dVAE stage has its own bench
     started = time.time()
     result = build(cfg)

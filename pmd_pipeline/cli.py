@@ -34,7 +34,9 @@ def build(
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (overrides the config's `out`)."),
     mirror: str = typer.Option(None, help="URL prefix replacing scheme+host of every image URL (a cache or mirror)."),
     allow_host: list[str] = typer.Option(
-        None, help="A host that may resolve to a private/loopback address (your mirror or cache). Repeatable."
+        None,
+        help="A host:port that may resolve to a private/loopback address (your mirror or cache); a bare host allows"
+        " ports 80 and 443 only. Repeatable.",
     ),
     ray_address: str = typer.Option(None, help="Join this Ray cluster instead of starting a local one."),
     workers: int = typer.Option(None, help="CPUs of the local Ray instance (default: all cores)."),

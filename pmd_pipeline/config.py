@@ -50,6 +50,9 @@ class ImageConfig:
     encode_format: Literal["jpg"] = "jpg"  # shards store KEY.jpg (shards/layout.py IMAGE_EXT): JPEG only
     encode_quality: Annotated[int, Strict(), Field(ge=0, le=100)] = 95
     max_pixels: AtLeastOne = 50_000_000  # larger images are refused from their header, before decoding (bombs)
+    # Thinner images (long side / short side) are refused from their header too: 100,000 x 10 is a 3 KB PNG
+    # that scaling its short side to `size` turns into gigabytes. Real panoramas and banners stay under ~10.
+    max_aspect_ratio: Annotated[float, Strict(), Field(ge=1, allow_inf_nan=False)] = 20.0
 
 
 @dataclass
@@ -64,6 +67,7 @@ class FetchConfig:
     max_per_host: AtLeastOne = 16  # requests in flight per host, per shard task
     # Hosts that may resolve to loopback/private addresses: a mirror or cache you run on purpose.
     # Everything else that resolves to such an address is refused (no requests into your network).
+    # Entries are host:port (that port only) or a bare host (ports 80 and 443 only).
     allowed_private_hosts: list[Text] = field(default_factory=list)
     mirror: Text = ""  # URL prefix replacing scheme+host: https://h/p -> {mirror}/h/p
     user_agent_token: Text = "pmd-pipeline"

@@ -47,6 +47,9 @@ FAULTS = {
     "/reset": "connection_reset",
     "/hang": "timeout",
     "/trickle": "deadline_exceeded",
+    "/trickle-status": "deadline_exceeded",  # the status line, one byte at a time, each within timeout_s
+    "/trickle-headers": "deadline_exceeded",
+    "/continue-flood": "deadline_exceeded",  # `100 Continue` forever, never a final status
     "/truncated": "truncated_body",
     "/html": "decode_error",
     "/empty": "decode_error",
@@ -54,6 +57,7 @@ FAULTS = {
     "/pixel-bomb.png": "image_too_many_pixels",
     "/corrupt.jpg": "decode_error",
     "/redirect-loop": "redirect_loop",
+    "/chain/6": "too_many_redirects",  # one over MAX_REDIRECTS (5)
     "/redirect-metadata": "blocked_address",
     "/redirect-other-local-host": "blocked_address",
     "/redirect-file": "redirect_scheme_not_allowed",
@@ -61,28 +65,50 @@ FAULTS = {
     "/huge-chunked": "response_too_large",
 }
 
+# Redirects the guard allows: each must end in the image (see _redirect for where they point).
+REDIRECTS = [
+    "/redirect/301",
+    "/redirect/302",
+    "/redirect/303",
+    "/redirect/307",
+    "/redirect/308",
+    "/redirect-relative/a/b",  # Location: ../../ok.jpg
+    "/redirect-scheme-relative",  # Location: //127.0.0.1:PORT/ok.jpg
+    "/redirect-upper-scheme",  # Location: HTTP://127.0.0.1:PORT/ok.jpg
+    "/chain/5",  # five redirects: the limit, allowed
+    "/redirect-endless-body",  # a 302 whose body never ends: a redirect's body is never read
+]
+
 
 class HostileWeb:
     """Context manager: `.url(path)`, `.hits` (requests per path), `.max_concurrent` (per path)."""
 
-    def __init__(self, hang_s: float = 3.0):
+    def __init__(self, hang_s: float = 3.0, trickle_s: float = 30.0):
         self.hits: Counter = Counter()
         self.in_flight: Counter = Counter()
         self.max_concurrent: Counter = Counter()
         self.lock = threading.Lock()
         self.hang_s = hang_s
+        self.trickle_s = trickle_s  # how long the header trickles and the 100-Continue flood go on at most
+        self.stopping = threading.Event()
         self.flaky_left: Counter = Counter()  # /flaky/<code>/<n>: fail n times, then serve the image
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.httpd.daemon_threads = True
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+        return f"http://{self.endpoint}{path}"
+
+    @property
+    def endpoint(self) -> str:
+        """host:port, as allowed_private_hosts takes it (a bare 127.0.0.1 allows only ports 80 and 443)."""
+        return f"127.0.0.1:{self.httpd.server_address[1]}"
 
     def __enter__(self):
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         return self
 
     def __exit__(self, *exc):
+        self.stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -127,11 +153,61 @@ class HostileWeb:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _trickle(self, head: bytes, byte: bytes, every_s: float):
+                """Send `head`, then `byte` every `every_s` (each well within the client's timeout_s) until stopped."""
+                self.wfile.write(head)
+                self.wfile.flush()
+                ends = time.monotonic() + web.trickle_s
+                while time.monotonic() < ends and not web.stopping.is_set():
+                    time.sleep(every_s)
+                    self.wfile.write(byte)
+                    self.wfile.flush()
+                self.close_connection = True
+
+            def _redirect(self, path: str, port: int):
+                """A redirect the guard allows, or None when `path` is not one."""
+                here = f"127.0.0.1:{port}"
+                if path.startswith("/redirect/"):
+                    return int(path.rsplit("/", 1)[1]), "/ok.jpg"
+                if path.startswith("/redirect-relative/"):
+                    return 302, "../../ok.jpg"
+                if path == "/redirect-scheme-relative":
+                    return 302, f"//{here}/ok.jpg"
+                if path == "/redirect-upper-scheme":
+                    return 302, f"HTTP://{here}/ok.jpg"
+                if path.startswith("/chain/") and path != "/chain/0":
+                    return 302, str(int(path.rsplit("/", 1)[1]) - 1)  # relative: /chain/n -> /chain/n-1
+                if path.startswith("/redirect-to-port/"):  # another server of the test, on 127.0.0.1
+                    return 302, f"http://127.0.0.1:{int(path.rsplit('/', 1)[1])}/ok.jpg"
+                if path.startswith("/redirect-same-host/"):  # to a slow image on this host
+                    self._leave()  # the client starts its next hop as soon as it has this answer
+                    return 302, "/slow/" + path.rsplit("/", 1)[1]
+                if path.startswith("/redirect-big/"):
+                    return 302, "/big/" + path.rsplit("/", 1)[1]
+                return None
+
             def _serve(self):  # noqa: C901 - one branch per fault reads best as a flat table
                 path = self.path
                 port = web.httpd.server_address[1]
-                if path in ("/ok.jpg",) or path.startswith("/ok/"):
+                if path in ("/ok.jpg", "/chain/0") or path.startswith("/ok/"):
                     return self._send(200, OK_JPEG)
+                redirect = self._redirect(path, port)
+                if redirect:
+                    return self._send(redirect[0], b"", "text/plain", [("Location", redirect[1])])
+                if path == "/redirect-endless-body":
+                    self.send_response(302)
+                    self.send_header("Location", "/ok.jpg")
+                    self.send_header("Content-Length", str(10**10))
+                    self.end_headers()
+                    return self._trickle(b"", b"x" * 65536, 0.001)
+                if path.startswith("/big/"):
+                    return self._send(200, b"x" * int(path.rsplit("/", 1)[1]), "text/plain")
+                if path == "/trickle-status":
+                    return self._trickle(b"HTTP/1.1 200 ", b"K", 0.2)
+                if path == "/trickle-headers":
+                    return self._trickle(b"HTTP/1.1 200 OK\r\nX-Slow: ", b"a", 0.2)
+                if path == "/continue-flood":
+                    return self._trickle(b"", b"HTTP/1.1 100 Continue\r\n\r\n", 0.01)
                 if path.startswith("/slow/"):
                     time.sleep(0.2)
                     # leave before answering: once the client has the body it may start its next request
@@ -207,3 +283,34 @@ class HostileWeb:
                 return self._send(404, b"unknown fault", "text/plain")
 
         return Handler
+
+
+class TrickledTls:
+    """A TCP server on 127.0.0.1 that answers a TLS ClientHello with a 16 KB handshake record, one byte at a time."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.stopping = threading.Event()
+        self.endpoint = f"127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def __enter__(self):
+        threading.Thread(target=self._serve, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.listener.close()
+
+    def _serve(self):
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:  # closed before anyone connected
+            return
+        with conn:
+            try:
+                conn.recv(65536)  # the ClientHello
+                conn.sendall(b"\x16\x03\x03\x40\x00")  # record header: handshake, TLS 1.2, 16384 bytes follow
+                while not self.stopping.wait(0.2):
+                    conn.sendall(b"\x02")
+            except OSError:  # the client gave up
+                pass

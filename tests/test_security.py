@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import io
 import tarfile
+import urllib.error
 
 import polars as pl
 import pytest
 from PIL import Image
 
-from pmd_pipeline.config import BuildConfig, ImageConfig
+from pmd_pipeline.config import BuildConfig, FetchConfig, ImageConfig
 from pmd_pipeline.config_file import load_config
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.fetch.images import make_resizer, read_local
+from pmd_pipeline.fetch.mirror import use_mirror
+from pmd_pipeline.fetch.web import GuardedOpener, WebPolicy, allowed_endpoints
 from shards.layout import check_safe_name
 from sources.base import make_key
-from tests.hostile_web import jpeg, png_claiming
+from tests.hostile_web import HostileWeb, jpeg, png_claiming
 
 
 @pytest.mark.parametrize(
@@ -85,3 +88,45 @@ def test_config_files_are_data_never_executed(tmp_path):
     config.write_text("import os\nos.system('true')\n")
     with pytest.raises(PmdError, match="not valid TOML"):
         load_config(config)
+
+
+def _allowing(*entries: str) -> GuardedOpener:
+    return GuardedOpener(WebPolicy(retries=0, allowed_private_hosts=frozenset(entries)))
+
+
+def test_an_allowed_private_host_is_allowed_on_its_listed_port_only():
+    """`host:port` is that port: a mirror's host is not every service that host runs."""
+    with HostileWeb() as web, HostileWeb() as other:
+        assert _allowing(web.endpoint).open(web.url("/ok.jpg")).status == 200
+        with pytest.raises(urllib.error.URLError, match="pmd:blocked_address"):
+            _allowing(web.endpoint).open(other.url("/ok.jpg"))
+    assert other.hits["/ok.jpg"] == 0
+
+
+def test_a_bare_allowed_host_means_its_default_ports_only():
+    assert allowed_endpoints("Cache") == [("cache", 80), ("cache", 443)]
+    assert allowed_endpoints("cache:8080") == [("cache", 8080)]
+    assert allowed_endpoints("[::1]:81") == [("::1", 81)] and allowed_endpoints("::1") == [("::1", 80), ("::1", 443)]
+    with pytest.raises(ValueError, match="not host or host:port"):
+        WebPolicy(allowed_private_hosts=frozenset({"cache:http"}))
+    with HostileWeb() as web:  # on an ephemeral port, neither 80 nor 443
+        with pytest.raises(urllib.error.URLError, match="pmd:blocked_address"):
+            _allowing("127.0.0.1").open(web.url("/ok.jpg"))
+    assert web.hits["/ok.jpg"] == 0
+
+
+@pytest.mark.parametrize(
+    ("mirror", "entry"),
+    [
+        ("http://127.0.0.1:8765", "127.0.0.1:8765"),  # the embedded default's StaticServer
+        ("https://cache.internal/", "cache.internal:443"),
+        ("http://Cache.Internal/pmd/", "cache.internal:80"),
+        ("http://[::1]:81/", "[::1]:81"),
+    ],
+)
+def test_a_mirror_allows_its_own_host_and_port(mirror, entry):
+    fetch = FetchConfig()
+    use_mirror(fetch, mirror)
+    use_mirror(fetch, mirror)
+    assert fetch.allowed_private_hosts == [entry]
+    assert WebPolicy.from_config(fetch).allowed_private_hosts == {entry}

@@ -14,24 +14,24 @@ import pytest
 from pmd_pipeline.build import build
 from pmd_pipeline.config import BuildConfig, SourceConfig
 from pmd_pipeline.fetch.images import fetch_urls
-from pmd_pipeline.fetch.web import GuardedOpener, WebError, WebPolicy
-from tests.hostile_web import FAULTS, HostileWeb
+from pmd_pipeline.fetch.web import GuardedOpener, WebError, WebPolicy, stream_url
+from tests.hostile_web import FAULTS, HostileWeb, TrickledTls
 
 
-def hostile_config(out: Path) -> BuildConfig:
+def hostile_config(out: Path, *webs: HostileWeb) -> BuildConfig:
     cfg = BuildConfig(out=str(out))
     cfg.fetch.timeout_s = 2.0  # generous enough that a loaded machine does not turn a reset into a timeout
     cfg.fetch.deadline_s = 3.0
     cfg.fetch.retries = 1
     cfg.fetch.backoff_s = 0.01
     cfg.fetch.max_response_bytes = 5_000_000
-    cfg.fetch.allowed_private_hosts = ["127.0.0.1"]  # the test server; "localhost" stays refused on purpose
+    cfg.fetch.allowed_private_hosts = [w.endpoint for w in webs]  # the test servers; "localhost" stays refused
     return cfg
 
 
 def test_every_fault_gets_its_own_reason_code_and_no_worker_hangs(tmp_path):
-    cfg = hostile_config(tmp_path / "out")
     with HostileWeb(hang_s=5.0) as web:
+        cfg = hostile_config(tmp_path / "out", web)
         keys = [f"k{i}" for i in range(len(FAULTS))]
         rows = pl.DataFrame({"key": keys, "image_url": [web.url(p) for p in FAULTS]})
         started = time.monotonic()
@@ -49,8 +49,8 @@ def test_every_fault_gets_its_own_reason_code_and_no_worker_hangs(tmp_path):
 
 
 def test_429_and_503_back_off_as_the_server_asks_then_succeed():
-    policy = WebPolicy(retries=3, backoff_s=0.01, allowed_private_hosts=frozenset({"127.0.0.1"}))
     with HostileWeb() as web:
+        policy = WebPolicy(retries=3, backoff_s=0.01, allowed_private_hosts=frozenset({web.endpoint}))
         started = time.monotonic()
         response = GuardedOpener(policy).open(web.url("/flaky/503/2"))
         elapsed = time.monotonic() - started
@@ -92,16 +92,15 @@ def test_only_http_and_https_are_fetched(url):
 
 def test_an_allowed_mirror_host_is_reachable_and_nothing_else_local_is():
     with HostileWeb() as web:
-        allowed = WebPolicy(retries=0, allowed_private_hosts=frozenset({"127.0.0.1"}))
+        allowed = WebPolicy(retries=0, allowed_private_hosts=frozenset({web.endpoint}))
         assert GuardedOpener(allowed).open(web.url("/ok.jpg")).status == 200
         with pytest.raises(urllib.error.URLError, match="pmd:blocked_address"):
             GuardedOpener(allowed).open(web.url("/ok.jpg").replace("127.0.0.1", "localhost"))
 
 
 def test_concurrent_requests_per_host_are_limited():
-    policy = WebPolicy(max_per_host=3, allowed_private_hosts=frozenset({"127.0.0.1"}))
-    opener = GuardedOpener(policy)
     with HostileWeb() as web:
+        opener = GuardedOpener(WebPolicy(max_per_host=3, allowed_private_hosts=frozenset({web.endpoint})))
         threads = [threading.Thread(target=opener.open, args=(web.url(f"/slow/{i}"),)) for i in range(12)]
         for t in threads:
             t.start()
@@ -112,9 +111,9 @@ def test_concurrent_requests_per_host_are_limited():
 
 
 def test_a_build_over_the_hostile_web_accounts_for_every_row(ray_session, tmp_path):
-    cfg = hostile_config(tmp_path / "out")
-    cfg.shard_size = 8
     with HostileWeb(hang_s=5.0) as web:
+        cfg = hostile_config(tmp_path / "out", web)
+        cfg.shard_size = 8
         tsv = tmp_path / "cc3m.tsv"
         tsv.write_text("".join(f"a photo of fault {i}\t{web.url(p)}\n" for i, p in enumerate(FAULTS)))
         cfg.sources = [SourceConfig("conceptual_captions", metadata=[str(tsv)])]
@@ -132,3 +131,36 @@ def test_a_build_over_the_hostile_web_accounts_for_every_row(ray_session, tmp_pa
         assert s["rows_in"] == s["samples_written"] + sum(s["rows_dropped"].values()) + sum(s["rows_failed"].values())
     totals = result.manifest["totals"]
     assert totals["rows_in"] == len(FAULTS) and totals["samples_written"] == 1
+
+
+@pytest.mark.parametrize("path", ["/trickle", "/trickle-status", "/trickle-headers", "/continue-flood"])
+def test_the_deadline_covers_status_line_headers_and_body(path):
+    """Each byte arrives well within timeout_s; only the whole-request deadline can end these."""
+    with HostileWeb(hang_s=30.0) as web:
+        policy = WebPolicy(timeout_s=1.0, deadline_s=2.0, retries=1, allowed_private_hosts=frozenset({web.endpoint}))
+        started = time.monotonic()
+        with pytest.raises(OSError, match="pmd:deadline_exceeded"):
+            GuardedOpener(policy).open(web.url(path))
+        elapsed = time.monotonic() - started
+    assert elapsed < policy.deadline_s + 1.0, f"{path} held the request {elapsed:.1f} s"
+    assert web.hits[path] == 1, "a server that used up the deadline once is not given a second one"
+
+
+@pytest.mark.parametrize("path", ["/trickle-status", "/continue-flood"])
+def test_a_metadata_download_has_the_deadline_until_its_headers(path):
+    with HostileWeb() as web:
+        policy = WebPolicy(timeout_s=1.0, deadline_s=2.0, allowed_private_hosts=frozenset({web.endpoint}))
+        started = time.monotonic()
+        with pytest.raises(OSError, match="pmd:deadline_exceeded"):
+            stream_url(web.url(path), policy)
+        assert time.monotonic() - started < policy.deadline_s + 1.0
+
+
+def test_a_trickled_tls_handshake_ends_at_the_deadline():
+    """timeout_s alone would let the handshake run 5 s; the deadline (1.5 s) ends it."""
+    with TrickledTls() as server:
+        policy = WebPolicy(timeout_s=5.0, deadline_s=1.5, retries=1, allowed_private_hosts=frozenset({server.endpoint}))
+        started = time.monotonic()
+        with pytest.raises(OSError, match="pmd:deadline_exceeded"):
+            GuardedOpener(policy).open(f"https://{server.endpoint}/a.jpg")
+        assert time.monotonic() - started < policy.deadline_s + 1.0

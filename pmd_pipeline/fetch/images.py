@@ -1,7 +1,7 @@
 """Fetch stage: URL images through img2dataset's per-shard downloader, local images from files and archives.
 
-Both paths end in the same `Fetched` record per sample key, resized by the same img2dataset Resizer, so
-URL and local sources produce identical pixels for identical inputs.
+Both paths end in the same `Fetched` record per sample key, decoded and resized by the same GuardedResizer,
+so URL and local sources produce identical pixels for identical inputs.
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ import io
 import warnings
 from pathlib import Path
 
+import albumentations as A
 import cv2
 import numpy as np
 import polars as pl
 import pyarrow as pa
 from img2dataset.downloader import Downloader
-from img2dataset.resizer import Resizer
-from PIL import Image
+from img2dataset.resizer import ResizeMode, Resizer
+from PIL import ExifTags, Image
 
 from pmd_pipeline.config import BuildConfig, ImageConfig
 from pmd_pipeline.faults import crash_point
@@ -29,46 +30,178 @@ from shards.writer import Fetched
 ALLOWED_SCHEMES = ("http://", "https://")
 
 
-class GuardedResizer(Resizer):
-    """img2dataset's Resizer, after a look at the image header: a decompression bomb is refused undecoded.
+class ImageRefused(ValueError):
+    """An image we do not decode or cannot: the message starts with `pmd:<reason_code>:`."""
 
-    img2dataset checks the area only after cv2 has decoded the whole image (gigabytes for a crafted PNG).
-    Pillow reads the size from the header alone. An image Pillow cannot identify is refused too, so no
-    format reaches cv2's decoder unchecked. The Resizer always re-encodes: no web bytes reach a shard as is.
+    def __init__(self, code: str, detail: str):
+        super().__init__(f"pmd:{code}: {detail}")
+
+
+class GuardedResizer(Resizer):
+    """img2dataset's Resizer (its settings, its resize steps, its encoder), fed pixels Pillow decoded once.
+
+    - The header is read first: an image with too many pixels (a decompression bomb) or too thin an aspect
+      ratio (100,000 x 10 would be scaled to 224 x 2,240,000 before the crop) is refused undecoded.
+      img2dataset checks the area only after cv2 has decoded the whole image.
+    - Pillow decodes every format it reads (nothing reaches a decoder unchecked), then the pixels are made
+      what a viewer shows: see `viewer_pixels`. cv2 alone ignored EXIF orientation and stored 16-bit PNGs
+      as garbage.
+    - The image is always re-encoded: no web bytes reach a shard as is.
     """
 
-    def __init__(self, max_pixels: int, **kwargs):
-        super().__init__(max_image_area=max_pixels, **kwargs)
-        self.max_pixels = max_pixels
+    def __init__(self, max_pixels: int, max_aspect_ratio: float, **kwargs):
+        super().__init__(max_image_area=max_pixels, max_aspect_ratio=max_aspect_ratio, **kwargs)
 
     def __call__(self, img_stream, blurring_bbox_list=None):
-        refusal = header_refusal(img_stream, self.max_pixels)
-        if refusal:
-            return None, None, None, None, None, refusal
+        """img2dataset's downloader calls this (we give it no blurring column)."""
         img_stream.seek(0)
-        return super().__call__(img_stream, blurring_bbox_list)
+        return self.resize_bytes(img_stream.read())
 
+    def resize_bytes(self, data: bytes, crop_box=None) -> tuple:
+        """img2dataset's outcome tuple: (encoded, width, height, original_width, original_height, error)."""
+        try:
+            bgr = cv2.cvtColor(self.decode(data, crop_box), cv2.COLOR_RGB2BGR)  # cv2 resizes and encodes BGR
+        except ImageRefused as err:
+            return None, None, None, None, None, str(err)
+        original_height, original_width = bgr.shape[:2]
+        img = self._resize(bgr)
+        height, width = img.shape[:2]
+        encoded = cv2.imencode(f".{self.encode_format}", img, params=self.encode_params)[1].tobytes()
+        return encoded, width, height, original_width, original_height, None
 
-def header_refusal(img_stream, max_pixels: int) -> str | None:
-    """An error message when the header says no, else None."""
-    img_stream.seek(0)
-    try:
+    def decode(self, data: bytes, crop_box=None) -> np.ndarray:
+        """RGB uint8 pixels as a viewer shows them, of the region `crop_box` (stored-pixel coordinates) if given."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(img_stream) as img:
-                width, height = img.size
+            img = _open_image(data)
+            try:
+                box = _crop_rect(img, crop_box)
+                self._check_shape(box[2] - box[0], box[3] - box[1], img.size)
+                return viewer_pixels(img, None if crop_box is None else box)
+            except ImageRefused:
+                raise
+            except Exception as err:  # a truncated or corrupt body fails in Pillow's decoder, with many types
+                raise ImageRefused("decode_error", f"Image decoding error: {type(err).__name__}: {err}") from None
+            finally:
+                img.close()
+
+    def _check_shape(self, width: int, height: int, full: tuple[int, int]) -> None:
+        """From the header alone: the whole image is decoded (its pixels), the region is resized (its ratio)."""
+        if full[0] * full[1] > self.max_image_area:
+            raise ImageRefused("image_too_many_pixels", f"{full[0]}x{full[1]} > {self.max_image_area} pixels")
+        if max(width, height) / min(width, height) > self.max_aspect_ratio:
+            raise ImageRefused("image_aspect_ratio", f"{width}x{height} is thinner than 1:{self.max_aspect_ratio:g}")
+
+    def _resize(self, img: np.ndarray) -> np.ndarray:
+        """img2dataset 1.47's resize steps (the same albumentations transforms, so the same pixels)."""
+        cv2.setNumThreads(1)
+        height, width = img.shape[:2]
+        mode = self.resize_mode
+        if mode in (ResizeMode.keep_ratio, ResizeMode.center_crop):
+            downscale = min(width, height) > self.image_size
+            if self.resize_only_if_bigger and not downscale:
+                return img
+            interpolation = self.downscale_interpolation if downscale else self.upscale_interpolation
+            img = A.SmallestMaxSize(max_size=self.image_size, interpolation=interpolation, p=1.0)(image=img)["image"]
+            if mode == ResizeMode.center_crop:
+                img = A.CenterCrop(height=self.image_size, width=self.image_size)(image=img)["image"]
+        elif mode in (ResizeMode.border, ResizeMode.keep_ratio_largest):
+            downscale = max(width, height) > self.image_size
+            if self.resize_only_if_bigger and not downscale:
+                return img
+            interpolation = self.downscale_interpolation if downscale else self.upscale_interpolation
+            img = A.LongestMaxSize(max_size=self.image_size, interpolation=interpolation, p=1.0)(image=img)["image"]
+            if mode == ResizeMode.border:
+                pad = A.PadIfNeeded(
+                    min_height=self.image_size,
+                    min_width=self.image_size,
+                    border_mode=cv2.BORDER_CONSTANT,
+                    value=[255, 255, 255],
+                    p=1.0,
+                )
+                img = pad(image=img)["image"]
+        return img
+
+
+def _open_image(data: bytes) -> Image.Image:
+    """Pillow reads the header only; it refuses what it cannot identify (HTML, a truncated header)."""
+    try:
+        return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
-        return f"pmd:image_too_many_pixels: {err}"
-    except Exception as err:  # Pillow raises many types for non-images (HTML, truncated headers)
-        return f"Image decoding error: not an image Pillow can identify ({type(err).__name__})"
-    if width * height > max_pixels:
-        return f"pmd:image_too_many_pixels: {width}x{height} > {max_pixels} pixels"
-    return None
+        raise ImageRefused("image_too_many_pixels", str(err)) from None
+    except Exception as err:  # Pillow raises many types for non-images
+        detail = f"Image decoding error: not an image Pillow can identify ({type(err).__name__})"
+        raise ImageRefused("decode_error", detail) from None
 
 
-def make_resizer(image: ImageConfig) -> Resizer:
+def _crop_rect(img: Image.Image, crop_box) -> tuple[int, int, int, int]:
+    """The region to keep, clipped to the image: the whole image without a box."""
+    width, height = img.size
+    if crop_box is None:
+        return 0, 0, width, height
+    left, top = max(0, crop_box[0]), max(0, crop_box[1])
+    right, bottom = min(width, crop_box[2]), min(height, crop_box[3])
+    if right <= left or bottom <= top:
+        raise ImageRefused("bad_crop_box", f"{list(crop_box)} is outside the {width}x{height} image")
+    return left, top, right, bottom
+
+
+# EXIF orientation -> the transpose that shows the image upright, as Pillow's ImageOps.exif_transpose does.
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": 32-bit ints, read as 16-bit samples
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def viewer_pixels(img: Image.Image, box=None) -> np.ndarray:
+    """What a viewer shows, as RGB uint8: the first frame, EXIF orientation applied, 16-bit scaled to 8-bit
+    (Pillow's convert would clip every value over 255 to white), palette, CMYK (Pillow's conversion, no ICC
+    profile), grey and 1-bit as RGB, and alpha composited on white (img2dataset's matting).
+
+    A crop box is in stored-pixel coordinates (annotation tools, like browsers then, ignored EXIF): the
+    region is cut first, then turned upright. The orientation is read after loading, as exif_transpose
+    does: Pillow's TIFF decoder turns the pixels upright itself and then drops the tag.
+    """
+    img.load()
+    orientation = _orientation(img)
+    if box is not None:
+        img = img.crop(box)
+    if orientation in _ORIENTATION:
+        img = img.transpose(_ORIENTATION[orientation])
+    if img.mode in _SIXTEEN_BIT:
+        img = Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8))
+    elif img.mode == "F":  # float samples: 0.0 is black, 1.0 white
+        img = Image.fromarray(np.rint(np.clip(np.asarray(img), 0.0, 1.0) * 255).astype(np.uint8))
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        return _on_white(np.asarray(img.convert("RGBA")))
+    return np.asarray(img.convert("RGB"))
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # a damaged EXIF block says nothing about the pixels: show them as stored
+        return 1
+
+
+def _on_white(rgba: np.ndarray) -> np.ndarray:
+    """rgb * a/255 + 255 - a, rounded: img2dataset's matting, in uint16 (exact: the sum never passes 65152)."""
+    alpha = rgba[:, :, 3:].astype(np.uint16)
+    mixed = rgba[:, :, :3] * alpha + 255 * (255 - alpha) + 127
+    return (mixed // 255).astype(np.uint8)
+
+
+def make_resizer(image: ImageConfig) -> GuardedResizer:
     return GuardedResizer(
         max_pixels=image.max_pixels,
+        max_aspect_ratio=image.max_aspect_ratio,
         image_size=image.size,
         resize_mode=image.resize_mode,
         resize_only_if_bigger=False,
@@ -162,31 +295,14 @@ def read_local(rows: pl.DataFrame, cfg: BuildConfig) -> dict[str, Fetched]:
         reader.close()
 
 
-def _read_one(reader: ArchiveReader, resizer: Resizer, image_path: str, crop_box) -> Fetched:
+def _read_one(reader: ArchiveReader, resizer: GuardedResizer, image_path: str, crop_box) -> Fetched:
     try:
         data = reader.read(image_path)
     except FileNotFoundError as err:
         return Fetched(reason="image_missing", error=str(err))
     except (OSError, ValueError) as err:
         return Fetched(reason="archive_error", error=f"{type(err).__name__}: {err}")
-    if crop_box is not None:
-        data, error = _crop(data, crop_box)
-        if error:
-            return Fetched(reason=error, error=error)
-    img, width, height, original_width, original_height, error = resizer(io.BytesIO(data))
+    img, width, height, original_width, original_height, error = resizer.resize_bytes(data, crop_box)
     if error is not None:
         return Fetched(reason=reason_code(error), error=error)
     return Fetched(img, None, None, width, height, original_width, original_height)
-
-
-def _crop(data: bytes, box) -> tuple[bytes | None, str | None]:
-    """Cut the region [left, top, right, bottom] out of the image; PNG keeps the crop lossless for the resizer."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        return None, "decode_error"
-    height, width = img.shape[:2]
-    left, top = max(0, box[0]), max(0, box[1])
-    right, bottom = min(width, box[2]), min(height, box[3])
-    if right <= left or bottom <= top:
-        return None, "bad_crop_box"
-    return cv2.imencode(".png", img[top:bottom, left:right])[1].tobytes(), None

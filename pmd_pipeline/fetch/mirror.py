@@ -10,11 +10,16 @@ from urllib.parse import urlsplit
 
 
 def use_mirror(fetch, mirror_url: str) -> None:
-    """Fetch through `mirror_url`, and allow its host explicitly even though it is a local address."""
+    """Fetch through `mirror_url`, and allow its host and port (that port only) though it is a local address."""
     fetch.mirror = mirror_url
-    host = (urlsplit(mirror_url).hostname or "").lower()
-    if host and host not in fetch.allowed_private_hosts:
-        fetch.allowed_private_hosts.append(host)
+    parts = urlsplit(mirror_url)
+    host = (parts.hostname or "").lower()
+    if not host:
+        return
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    entry = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if entry not in fetch.allowed_private_hosts:
+        fetch.allowed_private_hosts.append(entry)
 
 
 def rewrite_url(url: str, mirror: str) -> str:
