@@ -16,6 +16,7 @@ BENCHES = {
     "stats": "benchmarks.bench_stats",
     "train": "benchmarks.bench_train",
     "dvae": "benchmarks.bench_dvae",
+    "storage": "benchmarks.bench_storage",
 }
 RESULTS = Path(__file__).parent / "results"
 

@@ -23,6 +23,7 @@ from pmd_pipeline.manifest import write_manifest
 from pmd_pipeline.output import claim_output, save_tokenize_settings, saved_config
 from pmd_pipeline.plan import plan_source
 from pmd_pipeline.process import filter_chain, process_shard
+from pmd_pipeline.storage import as_path, local_scratch
 from pmd_pipeline.tokens.stage import shards_to_tokenize, tokenize_shards
 from shards.layout import WORK_FOLDER, ShardPaths, finished_shards
 from sources import get_source
@@ -53,10 +54,10 @@ def build(cfg: BuildConfig, on_progress: Callable[[int, int], None] | None = Non
         raise PmdError("the config enables no source; add a [sources.<name>] table (see `pmd sources`)")
     claim_output(cfg)
     if cfg.tokenize.enabled:  # refuse a codebook other than the one already in OUT before any work
-        shards_to_tokenize(finished_shards(Path(cfg.out)), cfg.tokenize)
+        shards_to_tokenize(finished_shards(as_path(cfg.out)), cfg.tokenize)
     result = BuildResult()
     plans = _plan_sources(cfg, result)
-    shards = [ShardPaths(Path(cfg.out), p["source"], i) for p in plans for i in range(p["shards"])]
+    shards = [ShardPaths(as_path(cfg.out), p["source"], i) for p in plans for i in range(p["shards"])]
     result.shards_total = len(shards)
     todo = [s for s in shards if not s.is_done()]
     result.shards_skipped = len(shards) - len(todo)
@@ -70,7 +71,7 @@ def build(cfg: BuildConfig, on_progress: Callable[[int, int], None] | None = Non
         return result
     crash_point("manifest", cfg.out)
     result.manifest = write_manifest(cfg)
-    shutil.rmtree(Path(cfg.out) / WORK_FOLDER, ignore_errors=True)
+    shutil.rmtree(local_scratch(as_path(cfg.out), WORK_FOLDER), ignore_errors=True)
     return result
 
 
@@ -115,13 +116,14 @@ def _plan_task(cfg: BuildConfig, source_cfg) -> dict:
 
 @ray.remote(num_cpus=1)
 def _shard_task(cfg: BuildConfig, paths: ShardPaths) -> dict:
-    return process_shard(cfg, paths)
+    return process_shard(cfg, paths, node=ray.get_runtime_context().get_node_id())
 
 
 def _run_shards(cfg: BuildConfig, todo: list[ShardPaths], result: BuildResult, on_progress) -> None:
     """Keep at most `max_in_flight` shard tasks running; Ray retries each failed task `shard_retries` times."""
     limit = cfg.run.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    task = _shard_task.options(max_retries=cfg.run.shard_retries, retry_exceptions=True)
+    # SPREAD: a crawl is network-bound, so shards go to every node rather than filling the first one.
+    task = _shard_task.options(max_retries=cfg.run.shard_retries, retry_exceptions=True, scheduling_strategy="SPREAD")
     queue = list(reversed(todo))
     in_flight: dict = {}
     while queue or in_flight:
@@ -153,7 +155,7 @@ def validate(cfg: BuildConfig) -> None:
         local_files = [p for p in source_cfg.metadata if not is_url(p)]
         require_files(dataclasses.replace(source_cfg, metadata=local_files), minimum=_minimum_files(source_cfg, source))
         for role, archive in source_cfg.images.items():
-            if not Path(archive).exists():
+            if not as_path(archive).exists():
                 raise PmdError(f"source {source_cfg.name}: image archive `{role}` not found: {archive}")
 
 

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from pmd_pipeline.config import BuildConfig
 from pmd_pipeline.config_file import load_config
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.storage import as_path, check_readable, check_writable, is_remote, url_of
 
 app = typer.Typer(help="Rebuild PMD as webdataset shards and pretrain FLAVA on them.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -31,7 +32,9 @@ def main() -> None:
 @app.command()
 def build(
     config: Path = typer.Option(None, "--config", "-c", help="TOML build config; none = the embedded default sample."),
-    out: Path = typer.Option(None, "--out", "-o", help="Output folder (overrides the config's `out`)."),
+    out: str = typer.Option(
+        None, "--out", "-o", help="Output folder or bucket URL, e.g. s3://bucket/pmd (overrides the config's `out`)."
+    ),
     mirror: str = typer.Option(None, help="URL prefix replacing scheme+host of every image URL (a cache or mirror)."),
     allow_host: list[str] = typer.Option(
         None,
@@ -53,6 +56,7 @@ def build(
     """Build shards: plan -> filter -> fetch -> write -> manifest. Re-running resumes; finished shards are kept."""
     with _errors_as_messages():
         cfg = _build_config(config, out)
+        check_writable(as_path(cfg.out))  # a missing bucket or a denied write stops here, in one line
         if mirror is not None:
             cfg.fetch.mirror = mirror
         cfg.fetch.allowed_private_hosts.extend(h.lower() for h in allow_host or [])
@@ -73,14 +77,14 @@ def build(
             raise typer.Exit(1)
 
 
-def _build_config(config: Path | None, out: Path | None) -> BuildConfig:
+def _build_config(config: Path | None, out: str | None) -> BuildConfig:
     if config is None:
         from pmd_pipeline.embedded import default_config
 
-        return default_config(str(out or "pmd_out"))
+        return default_config(out or "pmd_out")
     cfg = load_config(config)
     if out is not None:
-        cfg.out = str(out.resolve())
+        cfg.out = resolve_out(out)
     return cfg
 
 
@@ -114,6 +118,21 @@ def _run_build(cfg: BuildConfig):
         return run_build(cfg, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
 
 
+def resolve_out(out: str) -> str:
+    """--out as given for a URL (s3://bucket/pmd), else an absolute local path."""
+    path = as_path(out)
+    return url_of(path) if is_remote(path) else str(path.expanduser().resolve())
+
+
+def build_output(out: str) -> Path:
+    """A build output folder to read (stats, show, verify, tokenize), or a one-line error."""
+    path = as_path(out)
+    check_readable(path)
+    if not is_remote(path) and not path.is_dir():
+        raise PmdError(f"{out} is not a pmd build output (no such folder); give the --out of a `pmd build`")
+    return path
+
+
 def start_ray(cfg: BuildConfig) -> None:
     """Join the configured cluster, or start a local Ray without the dashboard (once per process)."""
     import ray
@@ -125,9 +144,13 @@ def start_ray(cfg: BuildConfig) -> None:
     runtime_env = {"env_vars": pmd_env} if pmd_env else None
     if cfg.run.ray_address:
         ray.init(address=cfg.run.ray_address, logging_level=logging.WARNING, runtime_env=runtime_env)
-    else:
+    else:  # "local": a new instance of our own, even when `ray start` left a cluster on this machine
         ray.init(
-            num_cpus=cfg.run.num_cpus, include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env
+            address="local",
+            num_cpus=cfg.run.num_cpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            runtime_env=runtime_env,
         )
 
 
@@ -169,7 +192,7 @@ def sources() -> None:
 
 @app.command()
 def stats(
-    out: Path = typer.Argument(..., help="A build output folder."),
+    out: str = typer.Argument(..., help="A build output folder or bucket URL (s3://bucket/pmd)."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
     source: str = typer.Option(None, help="Only this source."),
     plots: Path = typer.Option(None, "--plots", help="Also write PNG charts into this folder."),
@@ -180,12 +203,12 @@ def stats(
     from pmd_pipeline.inspection.stats_view import run_stats
 
     with _errors_as_messages():
-        run_stats(out, source, as_json, plots, sample_shards, codes)
+        run_stats(build_output(out), source, as_json, plots, sample_shards, codes)
 
 
 @app.command()
 def show(
-    out: Path = typer.Argument(..., help="A build output folder."),
+    out: str = typer.Argument(..., help="A build output folder or bucket URL (s3://bucket/pmd)."),
     key: str = typer.Argument(None, help="A sample key; omit it to show the first --n samples of --source."),
     source: str = typer.Option(None, help="Show samples of this source (default: the first source)."),
     n: int = typer.Option(5, "--n", help="How many samples to show."),
@@ -195,25 +218,25 @@ def show(
     from pmd_pipeline.inspection.show import run_show
 
     with _errors_as_messages():
-        run_show(out, key, source, n, to)
+        run_show(build_output(out), key, source, n, to)
 
 
 @app.command()
 def verify(
-    out: Path = typer.Argument(..., help="A build output folder."),
+    out: str = typer.Argument(..., help="A build output folder or bucket URL (s3://bucket/pmd)."),
     source: str = typer.Option(None, help="Only this source."),
 ) -> None:
     """Re-read every tar: complete samples, counts and sha256 vs the manifest; write sizes.json and wids indexes."""
     from pmd_pipeline.inspection.verify import run_verify
 
     with _errors_as_messages():
-        if not run_verify(out, source):
+        if not run_verify(build_output(out), source):
             raise typer.Exit(1)
 
 
 @app.command()
 def tokenize(
-    out: Path = typer.Argument(..., help="A build output folder."),
+    out: str = typer.Argument(..., help="A build output folder or bucket URL (s3://bucket/pmd)."),
     codebook: str = typer.Option(
         None, help="HF FlavaImageCodebook folder or DALL-E encoder.pkl ('' = random, seeded); default: the build's."
     ),
@@ -226,13 +249,12 @@ def tokenize(
             raise typer.Exit(1)
 
 
-def _tokenize(out: Path, codebook: str | None, force: bool, precision: str | None) -> bool:
+def _tokenize(out_url: str, codebook: str | None, force: bool, precision: str | None) -> bool:
     """Run the token stage on a local Ray (or the build's cluster) and report; False when some shard failed."""
     from pmd_pipeline.build import retokenize
     from pmd_pipeline.output import saved_config
 
-    if not out.is_dir():
-        raise PmdError(f"{out} is not a folder; give a `pmd build` output")
+    out = build_output(out_url)
     start_ray(saved_config(out))  # read first: a wrong folder is refused before Ray starts
     with Progress("[bold]tokenize", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("tokenize", total=None)

@@ -47,9 +47,9 @@ def config_from_dict(raw: dict, base_dir: Path) -> BuildConfig:
     filters = _filters_from(raw.pop("filters", [{"name": "caption_length"}]), "filters")
     sections = {name: _section(cls, raw.pop(name, {}), name) for name, cls in _SECTIONS.items()}
     cfg = _build(BuildConfig, raw, "", sources=sources, filters=filters, **sections)
-    cfg.out = str(_resolve(cfg.out, base_dir))
+    cfg.out = _resolve(cfg.out, base_dir)
     if cfg.tokenize.codebook:
-        cfg.tokenize.codebook = str(_resolve(cfg.tokenize.codebook, base_dir))
+        cfg.tokenize.codebook = _resolve(cfg.tokenize.codebook, base_dir)
     _check_filters(cfg)
     return cfg
 
@@ -67,10 +67,10 @@ def _source_from(name: str, spec: dict, base_dir: Path) -> SourceConfig:
         spec["filters"] = _filters_from(spec["filters"], f"sources.{name}.filters")
     cfg = _build(SourceConfig, spec, f"sources.{name}", name=name)
     _check_options(cfg)
-    cfg.metadata = [p if p.startswith(("http://", "https://")) else str(_resolve(p, base_dir)) for p in cfg.metadata]
-    cfg.images = {k: str(_resolve(v, base_dir)) for k, v in cfg.images.items()}
+    cfg.metadata = [_resolve(p, base_dir) for p in cfg.metadata]
+    cfg.images = {k: _resolve(v, base_dir) for k, v in cfg.images.items()}
     cfg.options = {  # options naming files (karpathy_split_file) are paths like the others
-        k: str(_resolve(v, base_dir)) if k.endswith(("_file", "_dir")) and isinstance(v, str) else v
+        k: _resolve(v, base_dir) if k.endswith(("_file", "_dir")) and isinstance(v, str) else v
         for k, v in cfg.options.items()
     }
     return cfg
@@ -127,6 +127,9 @@ def _build(cls, values: dict, section: str, **extra):
     return checked(cls, {**values, **extra}, section)
 
 
-def _resolve(p: str, base_dir: Path) -> Path:
-    path = Path(p).expanduser()
-    return path if path.is_absolute() else (base_dir / path).resolve()
+def _resolve(p: str, base_dir: Path) -> str:
+    """A local path made absolute from the config's folder; a URL (s3://, gs://, https://, ...) as written."""
+    if "://" in p and not p.startswith("file://"):
+        return p
+    path = Path(p.removeprefix("file://")).expanduser()
+    return str(path if path.is_absolute() else (base_dir / path).resolve())

@@ -17,13 +17,20 @@ import os
 import time
 from pathlib import Path
 
+from pmd_pipeline.storage import as_path, is_remote
+
 PAUSE_ENV = "PMD_PAUSE_AT"
 
 
 def crash_point(name: str, out: str | Path) -> None:
     if os.environ.get(PAUSE_ENV) != name:
         return
-    marker = Path(out) / f"_paused_at_{name}"
+    marker = as_path(str(out)) / f"_paused_at_{name}"
+    if is_remote(marker):  # a bucket has no exclusive create; two workers pausing at once is harmless here
+        if marker.exists():
+            return
+        marker.write_bytes(b"")
+        time.sleep(3600)
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pmd_pipeline.config import BuildConfig
 from pmd_pipeline.output import content_hash
+from pmd_pipeline.storage import as_path
 from shards.files import atomic_write_json
 from shards.layout import (
     FORMAT_VERSION,
@@ -34,7 +35,7 @@ def package_versions() -> dict[str, str]:
 
 
 def write_manifest(cfg: BuildConfig) -> dict:
-    out = Path(cfg.out)
+    out = as_path(cfg.out)
     sources = {s.name: _source_entry(out, s.name) for s in cfg.enabled_sources()}
     manifest = {
         "format_version": FORMAT_VERSION,

@@ -11,6 +11,7 @@ from pmd_pipeline.config import BuildConfig
 from pmd_pipeline.config_file import config_from_dict
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.process import filter_chain
+from pmd_pipeline.storage import as_path, is_remote, list_names, url_of
 from shards.files import atomic_write_json
 from shards.layout import CONFIG_FILE, FORMAT_VERSION
 
@@ -36,7 +37,7 @@ def _filter_chains(cfg: BuildConfig) -> dict:
 
 def claim_output(cfg: BuildConfig) -> Path:
     """Create OUT and save the resolved config; an OUT made by a different config is never touched."""
-    out = Path(cfg.out)
+    out = as_path(cfg.out)
     saved = out / CONFIG_FILE
     if saved.exists():
         previous = _read_hash(saved)
@@ -45,9 +46,10 @@ def claim_output(cfg: BuildConfig) -> Path:
                 f"{out} was built with a different config (hash {previous}, this one {content_hash(cfg)}); "
                 "use another --out, or delete that folder to rebuild it"
             )
-    elif out.exists() and any(out.iterdir()):
+    elif list_names(out):
         raise PmdError(f"{out} exists and is not a pmd build output; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if not is_remote(out):  # a bucket has no folders: OUT appears with its first object
+        out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(saved, {"config_hash": content_hash(cfg), "config": cfg.to_dict()})
     return out
 
@@ -67,13 +69,13 @@ def saved_config(out: Path) -> BuildConfig:
         raise PmdError(f"{out} is not a pmd build output (no readable {CONFIG_FILE})") from None
     saved["sources"] = {s.pop("name"): s for s in saved["sources"]}
     saved["filters"] = [{"name": f["name"], **f["params"]} for f in saved["filters"]]
-    saved["out"] = str(out.resolve())
-    return config_from_dict(saved, base_dir=out.resolve())
+    saved["out"] = url_of(out) if is_remote(out) else str(out.resolve())
+    return config_from_dict(saved, base_dir=Path.cwd() if is_remote(out) else out.resolve())
 
 
 def save_tokenize_settings(cfg: BuildConfig) -> None:
     """Record the codebook and precision a `pmd tokenize` used, so the manifest and a later build see them."""
-    path = Path(cfg.out) / CONFIG_FILE
+    path = as_path(cfg.out) / CONFIG_FILE
     saved = json.loads(path.read_text())
     saved["config"]["tokenize"] = cfg.to_dict()["tokenize"]
     atomic_write_json(path, saved)

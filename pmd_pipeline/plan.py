@@ -19,7 +19,8 @@ from pmd_pipeline.config import BuildConfig, SourceConfig
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.faults import crash_point
 from pmd_pipeline.fetch.metadata import localize_metadata
-from shards.files import atomic_write_json
+from pmd_pipeline.storage import as_path, is_remote, local_scratch, remove_tree
+from shards.files import atomic_path, atomic_write_json
 from shards.layout import PLAN_MARKER, REJECTS_FILE, ShardPaths, plan_folder
 from sources import get_source
 from sources.base import CANDIDATE_SCHEMA, RejectLog
@@ -27,19 +28,18 @@ from sources.base import CANDIDATE_SCHEMA, RejectLog
 
 def plan_source(cfg: BuildConfig, source_cfg: SourceConfig) -> dict:
     """Write OUT/_plan/<source>/<NNNNN>.parquet and the marker; an already planned source is not re-read."""
-    out = Path(cfg.out)
+    out = as_path(cfg.out)
     folder = plan_folder(out, source_cfg.name)
     marker = folder / PLAN_MARKER
     if marker.exists():
         return json.loads(marker.read_text())
-    shutil.rmtree(folder, ignore_errors=True)  # a partial plan from a crashed run: plans are deterministic
-    folder.mkdir(parents=True)
+    remove_tree(folder)  # a partial plan from a crashed run: plans are deterministic
     source = get_source(source_cfg.name)
     source_cfg = localize_metadata(cfg, source_cfg)
     rejects = RejectLog()
     batches = _limited(source.read(source_cfg, rejects), source_cfg.limit)
     if source.repeats_keys:
-        batches = _merged_by_key(batches, folder / "_parts")
+        batches = _merged_by_key(batches, local_scratch(folder, "_parts"))
     shards, rows = _write_plan_shards(batches, out, source_cfg.name, cfg.shard_size)
     summary = _summary(source_cfg.name, shards, rows, rejects)
     rejects_file = _write_rejects(out, source_cfg.name, rejects)
@@ -70,7 +70,8 @@ def _limited(batches: Iterator[pl.DataFrame], limit: int | None) -> Iterator[pl.
 
 def _merged_by_key(batches: Iterator[pl.DataFrame], parts: Path) -> Iterator[pl.DataFrame]:
     """Merge rows that share a key: captions concatenated in input order, other fields from the first row."""
-    parts.mkdir()
+    shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir(parents=True)
     for i, batch in enumerate(batches):
         batch.write_parquet(parts / f"part-{i:06d}.parquet")
     if not any(parts.iterdir()):
@@ -108,7 +109,8 @@ def _write_plan_shards(batches: Iterator[pl.DataFrame], out: Path, source: str, 
 
 
 def _write_plan_shard(paths: ShardPaths, rows: pl.DataFrame) -> None:
-    rows.write_parquet(paths.plan)
+    with atomic_path(paths.plan) as tmp:
+        rows.write_parquet(tmp)
     crash_point("plan", paths.out)
 
 
@@ -125,6 +127,7 @@ def _summary(source: str, shards: int, rows: int, rejects: RejectLog) -> dict:
 def _write_rejects(out: Path, source: str, rejects: RejectLog) -> Path:
     """Malformed raw records, kept aside with file and line: OUT/<source>/_rejects.jsonl."""
     folder = out / source
-    folder.mkdir(parents=True, exist_ok=True)
+    if not is_remote(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     rejects.write_jsonl(folder / REJECTS_FILE)
     return folder / REJECTS_FILE

@@ -17,17 +17,21 @@ from shards.writer import write_shard
 from sources import get_source
 
 
-def process_shard(cfg: BuildConfig, paths: ShardPaths) -> dict:
-    """Turn one plan shard into a finished shard; a finished shard is returned as is, never rewritten."""
+def process_shard(cfg: BuildConfig, paths: ShardPaths, node: str | None = None) -> dict:
+    """Turn one plan shard into a finished shard; a finished shard is returned as is, never rewritten.
+
+    `node`: the Ray node that ran it, recorded in the stats (which machine of a cluster made which shard)."""
     if paths.is_done():
         return {"skipped": True, "source": paths.source, "shard": paths.name}
     started = time.time()
     remove_temp_files(paths.folder, paths.name)  # of an attempt that was killed; redone from the plan
-    rows = filter_rows(cfg, pl.read_parquet(paths.plan), paths.source)
+    with paths.plan.open("rb") as f:
+        rows = filter_rows(cfg, pl.read_parquet(f), paths.source)
     fetched = fetch_images(cfg, rows, paths)
     stats = write_shard(paths, rows, fetched)
     crash_point("before_stats", paths.out)
     stats["seconds"] = round(time.time() - started, 3)
+    stats["node"] = node
     atomic_write_json(paths.stats, stats)  # last: the completion marker
     shutil.rmtree(paths.work, ignore_errors=True)
     return stats

@@ -1,7 +1,9 @@
-"""Writing a file so that readers see it whole or not at all: a temporary name beside it, fsync, rename.
+"""Writing a file so that readers see it whole or not at all.
 
-Every file of a build (tars, parquets, stats, sidecars, plans, manifest, downloads) is written this way,
-so a killed run leaves at most a `.NAME.*.tmp` file, which the next attempt at that shard removes.
+Locally: a temporary name beside it, fsync, rename. On an object store (no rename): a local temporary
+file, uploaded in one piece when complete, so the object appears whole or not at all. Every file of a
+build (tars, parquets, stats, sidecars, plans, manifest, downloads) is written this way, so a killed run
+leaves at most a `.NAME.*.tmp` file beside a local target, which the next attempt at that shard removes.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from pmd_pipeline.storage import is_remote, upload
 
 
 def temp_path_for(path: Path) -> Path:
@@ -20,7 +25,11 @@ def temp_path_for(path: Path) -> Path:
 
 
 def remove_temp_files(folder: Path, name_prefix: str) -> None:
-    """Remove the temporary files of killed attempts at files whose names start with `name_prefix`."""
+    """Remove the temporary files of killed attempts at files whose names start with `name_prefix`.
+
+    An object store never holds them (temporary files are local), so there is nothing to list there."""
+    if is_remote(folder):
+        return
     for tmp in folder.glob(f".{name_prefix}*.tmp"):
         tmp.unlink(missing_ok=True)
 
@@ -31,6 +40,10 @@ def atomic_path(path: Path, before_rename: Callable[[], None] = lambda: None) ->
 
     `before_rename` runs with the complete temporary file in place (the crash points use it).
     """
+    if is_remote(path):
+        with _uploaded(path, before_rename) as tmp:
+            yield tmp
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
     try:
@@ -43,6 +56,20 @@ def atomic_path(path: Path, before_rename: Callable[[], None] = lambda: None) ->
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def _uploaded(path: Path, before_upload: Callable[[], None]) -> Iterator[Path]:
+    """A local temporary file for `path`; uploaded whole once written, removed either way."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        before_upload()
+        upload(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

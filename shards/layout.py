@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pmd_pipeline.storage import local_scratch
+
 FORMAT_VERSION = 1  # bump when the shard layout changes; part of the config hash and the manifest
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
@@ -83,8 +85,10 @@ class ShardPaths:
 
     @property
     def work(self) -> Path:
-        """Scratch space for this shard (img2dataset's own input and stats files); removed when done."""
-        return self.out / WORK_FOLDER / self.source / self.name
+        """Local scratch space for this shard (img2dataset's own input and stats files); removed when done.
+
+        Under OUT for a local build; for a build into a bucket, a local folder of the node running the shard."""
+        return local_scratch(self.out, WORK_FOLDER, self.source, self.name)
 
     def is_done(self) -> bool:
         return self.stats.exists()

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.storage import as_path, list_names, url_of
 from shards.files import atomic_write_json
 from shards.layout import CODEBOOK_SIZE, SIDECAR_SUFFIX, TOKENS_EXT, ShardPaths
 
@@ -71,8 +72,7 @@ def read_sidecars(source_folder: Path, with_codes: bool = False) -> dict[str, di
 
 def parse_sidecar(path: str, with_codes: bool) -> dict:
     """One sidecar; its code_counts None unless `with_codes` (they are 97% of its bytes and of the parse time)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = as_path(path).read_bytes()
     try:
         start = data.find(b'"code_counts"')
         begin, end = data.index(b"[", start), data.index(b"]", start)  # a flat list of integers
@@ -95,7 +95,6 @@ def _int_list(text: bytes) -> np.ndarray:
 
 
 def files_ending(folder: Path, suffix: str) -> list[str]:
-    """Sorted paths (str) of a folder's files by name suffix: os.listdir and str, 10x faster than Path at 10k files."""
-    if not folder.is_dir():
-        return []
-    return [os.path.join(folder, name) for name in sorted(n for n in os.listdir(folder) if n.endswith(suffix))]
+    """Sorted paths (str or URL) of a folder's files by name suffix: one listing, 10x faster than Path at 10k files."""
+    base = url_of(folder).rstrip("/")
+    return [f"{base}/{name}" for name in sorted(n for n in list_names(folder) if n.endswith(suffix))]

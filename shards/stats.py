@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.storage import as_path, is_remote
 from shards.layout import (
     CODEBOOK_SIZE,
     CONFIG_FILE,
@@ -80,8 +81,7 @@ def shard_stats_files(out: Path, source: str) -> list[str]:
 
 def _load_stats(path: str) -> dict:
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
+        return json.loads(as_path(path).read_bytes())
     except ValueError as err:
         raise PmdError(
             f"{path}: unreadable shard stats ({err}); delete it and re-run `pmd build` to redo the shard"
@@ -195,7 +195,10 @@ def written_rows(out: Path, source: str, sample_shards: int = DEFAULT_SAMPLE_SHA
     parquets = evenly_spaced(parquets, sample_shards)
     if not parquets:
         return pl.DataFrame(schema={"words": pl.List(pl.Int64), **{c: pl.Int64 for c in ROW_COLUMNS[2:]}}), 0
-    rows = pl.scan_parquet(parquets).select(ROW_COLUMNS).filter(pl.col("status") == "written").collect()
+    if is_remote(as_path(parquets[0])):
+        rows = pl.concat([_written(p) for p in parquets])
+    else:  # polars' lazy scan reads only these columns of every local file at once
+        rows = pl.scan_parquet(parquets).select(ROW_COLUMNS).filter(pl.col("status") == "written").collect()
     columns = rows.select(
         words=pl.col("kept_captions").list.eval(pl.element().str.count_matches(r"\S+")),
         original_width=pl.col("original_width").cast(pl.Int64),
@@ -203,6 +206,11 @@ def written_rows(out: Path, source: str, sample_shards: int = DEFAULT_SAMPLE_SHA
         image_bytes=pl.col("image_bytes").cast(pl.Int64),
     )
     return columns, len(parquets)
+
+
+def _written(parquet: str) -> pl.DataFrame:
+    with as_path(parquet).open("rb") as f:  # a local file or an object: read through the storage layer
+        return pl.read_parquet(f, columns=ROW_COLUMNS).filter(pl.col("status") == "written")
 
 
 def evenly_spaced(items: list, n: int) -> list:

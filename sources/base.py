@@ -14,6 +14,7 @@ import polars as pl
 
 from pmd_pipeline.config import FilterConfig, SourceConfig, checked
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.storage import as_path
 
 # One candidate row per unique image (after cropping). `captions[i]` came from `caption_fields[i]`.
 # caption_mode "all": every caption that passes the filters is kept.
@@ -98,7 +99,7 @@ class RejectLog:
         return len(self.rejects)
 
     def write_jsonl(self, path: Path) -> None:
-        with open(path, "w", encoding="utf-8") as f:
+        with path.open("w", encoding="utf-8") as f:  # a local file or an object in the output's bucket
             for r in self.rejects:
                 f.write(json.dumps(r.__dict__, ensure_ascii=False) + "\n")
 
@@ -135,7 +136,7 @@ def candidates_frame(rows: list[dict]) -> pl.DataFrame:
 
 def require_files(cfg: SourceConfig, minimum: int = 1) -> list[Path]:
     """The source's metadata files, or a one-line error that names the missing one."""
-    paths = [Path(p) for p in cfg.metadata]
+    paths = [as_path(p) for p in cfg.metadata]  # local files, or objects in a bucket (any fsspec URL)
     if len(paths) < minimum:
         raise PmdError(f"source {cfg.name}: set `metadata` to its raw metadata file(s) in the config")
     for p in paths:

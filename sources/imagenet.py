@@ -13,6 +13,7 @@ import polars as pl
 
 from pmd_pipeline.config import SourceConfig
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.storage import as_path, url_of
 from sources.base import RejectLog, Source, SourceInfo, candidates_frame, make_key, meta_json
 
 INFO = SourceInfo(
@@ -32,7 +33,7 @@ def read(cfg: SourceConfig, rejects: RejectLog, batch_rows: int = 20_000) -> Ite
     root = cfg.images.get("root")
     if not root:
         raise PmdError(f'source {cfg.name}: set [sources.{cfg.name}.images] root = "<image folder or .tar>"')
-    members = _tar_members(Path(root)) if Path(root).is_file() else _folder_files(Path(root))
+    members = _tar_members(as_path(root)) if as_path(root).is_file() else _folder_files(as_path(root))
     batch = []
     for relative, image_path in members:
         batch.append(_row(relative, image_path))
@@ -48,18 +49,18 @@ def _folder_files(root: Path) -> Iterator[tuple[str, str]]:
         raise PmdError(f"source imagenet: image folder not found: {root}")
     for path in sorted(root.rglob("*")):  # sorted: the same keys in the same order on every run
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-            yield path.relative_to(root).as_posix(), str(path)
+            yield path.relative_to(root).as_posix(), url_of(path)
 
 
 def _tar_members(root: Path) -> Iterator[tuple[str, str]]:
     try:
-        with tarfile.open(root) as tar:
+        with root.open("rb") as f, tarfile.open(fileobj=f) as tar:
             names = sorted(m.name for m in tar.getmembers() if m.isfile())
     except tarfile.TarError as err:
         raise PmdError(f"source imagenet: {root} is not a readable tar ({err})") from None
     for name in names:
         if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-            yield name, f"{root}::{name}"
+            yield name, f"{url_of(root)}::{name}"
 
 
 def _row(relative: str, image_path: str) -> dict:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 from pmd_pipeline.config import Flag, SourceConfig, Text
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.storage import as_path
 from sources.rawio import load_json
 
 EVAL_SPLITS = ("val", "test")
@@ -27,14 +27,14 @@ def contamination_ids(cfg: SourceConfig) -> frozenset[int]:
             f"source {cfg.name}: set options.karpathy_split_file to dataset_coco.json (the contamination rule drops "
             "images in Karpathy's val/test splits), or options.contamination_check = false to skip the rule"
         )
-    return _eval_ids(str(Path(path).resolve()), cfg.name)
+    return _eval_ids(path, cfg.name)  # resolved when the config was read (a local path or a URL)
 
 
 @lru_cache(maxsize=4)
 def _eval_ids(path: str, source: str) -> frozenset[int]:
-    if not Path(path).is_file():
+    if not as_path(path).is_file():
         raise PmdError(f"source {source}: karpathy_split_file not found: {path}")
-    doc = load_json(Path(path), source)
+    doc = load_json(as_path(path), source)
     try:
         return frozenset(int(img["cocoid"]) for img in doc["images"] if img["split"] in EVAL_SPLITS)
     except (KeyError, TypeError, ValueError):

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.storage import as_path
 from sources.base import RejectLog
 
 CHUNK_CHARS = 1 << 20
@@ -35,9 +36,13 @@ def open_binary(path: Path) -> io.BufferedIOBase:
     A UTF-8 byte-order mark (Windows editors and exports write one) is skipped here, for every reader:
     kept, it became part of the first caption or URL, or hid a JSON array's `[` and a TSV header.
     """
-    with open(path, "rb") as probe:
-        gzipped = probe.read(2) == b"\x1f\x8b"
-    stream = gzip.open(path, "rb") if gzipped else open(path, "rb")
+    raw = as_path(path).open("rb")
+    if not isinstance(raw, io.BufferedReader):  # a bucket's file object: peek needs a buffer
+        raw = io.BufferedReader(raw, buffer_size=1 << 20)
+    stream = raw
+    if raw.peek(2)[:2] == b"\x1f\x8b":
+        stream = gzip.GzipFile(fileobj=raw)
+        stream.myfileobj = raw  # as gzip.open does: closing the stream closes the file too
     try:
         if stream.peek(len(UTF8_BOM))[: len(UTF8_BOM)] == UTF8_BOM:
             stream.read(len(UTF8_BOM))

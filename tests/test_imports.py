@@ -14,8 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pmd_pipeline", "sources", "filters", "shards")
-# What the shard format may use of pmd_pipeline: the error type and the crash points, nothing of a stage.
-SHARDS_MAY_IMPORT = {"pmd_pipeline", "pmd_pipeline.errors", "pmd_pipeline.faults"}
+# What the shard format may use of pmd_pipeline: the error type, the crash points and the storage layer,
+# nothing of a stage.
+SHARDS_MAY_IMPORT = {"pmd_pipeline", "pmd_pipeline.errors", "pmd_pipeline.faults", "pmd_pipeline.storage"}
 # Sources and filters read the config's dataclasses; they never reach into a stage or the spine.
 SOURCES_MAY_IMPORT = SHARDS_MAY_IMPORT | {"pmd_pipeline.config"}
 

@@ -17,21 +17,26 @@ import numpy as np
 from PIL import Image
 
 from pmd_pipeline.config import BuildConfig, SourceConfig
+from pmd_pipeline.storage import as_path, is_remote, local_scratch, upload, url_of
 
 BUNDLE = Path(__file__).parent / "bundle"
 MATERIALIZED_MARKER = ".materialized"
+EMBEDDED_FOLDER = "_embedded"
 
 
 def default_config(out: str) -> BuildConfig:
-    """The build `just build-pmd` runs: every bundled source, small shards so several shards run at once."""
-    root = Path(out).resolve() / "_embedded"
-    karpathy = {"karpathy_split_file": str(root / "coco/dataset_coco.json")}
+    """The build `just build-pmd` runs: every bundled source, small shards so several shards run at once.
+
+    Its inputs live in OUT/_embedded: a local folder, or objects in OUT's bucket (read like a user's own)."""
+    out = _out_url(out)
+    root = f"{out}/{EMBEDDED_FOLDER}"
+    karpathy = {"karpathy_split_file": f"{root}/coco/dataset_coco.json"}
 
     def source(name: str, *metadata: str, images: dict | None = None, options: dict | None = None) -> SourceConfig:
         return SourceConfig(
             name,
-            metadata=[str(root / m) for m in metadata],
-            images={role: str(root / archive) for role, archive in (images or {}).items()},
+            metadata=[f"{root}/{m}" for m in metadata],
+            images={role: f"{root}/{archive}" for role, archive in (images or {}).items()},
             options=options or {},
         )
 
@@ -68,15 +73,40 @@ def default_config(out: str) -> BuildConfig:
         source("imagenet", images={"root": "imagenet_train.tar"}),
         source("text_corpus", "text_corpus/books.txt", "text_corpus/news.jsonl", options={"max_words": 120}),
     ]
-    return BuildConfig(out=str(Path(out).resolve()), shard_size=64, sources=sources)
+    return BuildConfig(out=out, shard_size=64, sources=sources)
+
+
+def _out_url(out: str) -> str:
+    path = as_path(out)
+    return url_of(path).rstrip("/") if is_remote(path) else str(path.resolve())
 
 
 def materialize(out: str) -> Path:
-    """Write the bundle's metadata, mirror images and zips under OUT/_embedded (once; later calls reuse it)."""
-    root = Path(out).resolve() / "_embedded"
-    if (root / MATERIALIZED_MARKER).exists():
-        return root
+    """Write the bundle's metadata, mirror images and zips under OUT/_embedded (once; later calls reuse it).
+
+    Returns the local folder whose `mirror/` the embedded web server serves. For an OUT in a bucket the
+    files are made in a local scratch folder and the inputs (not the mirror) uploaded to OUT/_embedded."""
+    out_path = as_path(_out_url(out))
+    root = local_scratch(out_path, EMBEDDED_FOLDER) if is_remote(out_path) else out_path / EMBEDDED_FOLDER
+    if not (root / MATERIALIZED_MARKER).exists():
+        _materialize_locally(root)
+    if is_remote(out_path) and not (out_path / EMBEDDED_FOLDER / MATERIALIZED_MARKER).exists():
+        _publish(root, out_path / EMBEDDED_FOLDER)
+    return root
+
+
+def _publish(root: Path, target: Path) -> None:
+    """Upload the bundle's inputs to the bucket, the marker last (a killed upload is redone whole)."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and "mirror" not in p.relative_to(root).parts)
+    for path in files:
+        if path.name != MATERIALIZED_MARKER:
+            upload(path, target / path.relative_to(root).as_posix())
+    upload(root / MATERIALIZED_MARKER, target / MATERIALIZED_MARKER)
+
+
+def _materialize_locally(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(BUNDLE, root, ignore=shutil.ignore_patterns("images.tsv"))
     archives: dict[str, list[tuple[str, bytes]]] = {}
     for line in (BUNDLE / "images.tsv").read_text().splitlines():
@@ -91,7 +121,6 @@ def materialize(out: str) -> Path:
     for name, members in archives.items():
         _write_archive(root / name, members)
     (root / MATERIALIZED_MARKER).write_text("ok\n")
-    return root
 
 
 def _write_archive(path: Path, members: list[tuple[str, bytes]]) -> None:

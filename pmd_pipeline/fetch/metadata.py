@@ -10,6 +10,7 @@ from pmd_pipeline.config import BuildConfig, SourceConfig
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.fetch.mirror import rewrite_url
 from pmd_pipeline.fetch.web import WebPolicy, stream_url
+from pmd_pipeline.storage import as_path, url_of
 from shards.files import atomic_path
 from shards.layout import METADATA_FOLDER
 
@@ -20,8 +21,8 @@ def is_url(path: str) -> bool:
 
 def localize_metadata(cfg: BuildConfig, source_cfg: SourceConfig) -> SourceConfig:
     """The same source config with every metadata URL replaced by its downloaded copy."""
-    folder = Path(cfg.out) / METADATA_FOLDER / source_cfg.name
-    local = [str(_download(url, folder, cfg.fetch)) if is_url(url) else url for url in source_cfg.metadata]
+    folder = as_path(cfg.out) / METADATA_FOLDER / source_cfg.name
+    local = [url_of(_download(url, folder, cfg.fetch)) if is_url(url) else url for url in source_cfg.metadata]
     return replace(source_cfg, metadata=local)
 
 

@@ -61,22 +61,28 @@ def find_sample(out: Path, key: str) -> dict:
     parquets = [p for name in names for p in sorted((out / name).glob(f"[0-9]*{PARQUET_SUFFIX}"))]
     if not parquets:
         raise PmdError(f"{out} has no finished shards")
-    hits = (
-        pl.scan_parquet(parquets, include_file_paths="parquet", missing_columns="insert", extra_columns="ignore")
-        .filter(pl.col("key") == key)
-        .select("status", "reason", "parquet")
-        .collect()
-    )
-    if hits.is_empty():
+    hit = next((h for h in map(lambda p: _key_in(p, key), parquets) if h), None)
+    if hit is None:
         raise PmdError(f"no sample {key!r} in {out}")
-    status, reason, parquet = hits.row(0)
+    status, reason, parquet = hit
     if status != "written":
         raise PmdError(f"{key!r} was not written: {status} ({reason})")
-    tar = Path(parquet).with_suffix(TAR_SUFFIX)
+    tar = parquet.with_suffix(TAR_SUFFIX)
     for sample in read_tar_samples(tar):
         if sample["__key__"] == key:
             return sample
     raise PmdError(f"{key!r} is missing from {tar} although its parquet says written; run `pmd verify {out}`")
+
+
+def _key_in(parquet: Path, key: str) -> tuple[str, str, Path] | None:
+    """(status, reason, parquet) when this shard's parquet lists `key` (only its key column is read)."""
+    with parquet.open("rb") as f:
+        keys = pl.read_parquet(f, columns=["key"])["key"]
+    if key not in keys:
+        return None
+    with parquet.open("rb") as f:
+        row = pl.read_parquet(f, columns=["key", "status", "reason"]).filter(pl.col("key") == key).row(0)
+    return row[1], row[2], parquet
 
 
 def first_samples(out: Path, source: str, n: int) -> Iterator[dict]:
@@ -96,7 +102,7 @@ def first_samples(out: Path, source: str, n: int) -> Iterator[dict]:
 def read_tar_samples(tar: Path) -> Iterator[dict]:
     """Samples of a tar in order, as {'__key__', 'source_tar', ext: bytes} (members of one key are adjacent)."""
     sample: dict = {}
-    with tarfile.open(tar) as archive:
+    with tar.open("rb") as f, tarfile.open(fileobj=f) as archive:
         for member in archive:
             key, _, ext = member.name.partition(".")
             if sample and sample["__key__"] != key:

@@ -41,7 +41,7 @@ def calibration_pixels(shards: list[ShardPaths], count: int = CALIBRATION_IMAGES
     """
     pixels = []
     for paths in shards:
-        with tarfile.open(paths.tar) as tar:
+        with paths.tar.open("rb") as f, tarfile.open(fileobj=f) as tar:
             for member in tar:
                 if member.isfile() and member.name.endswith(f".{IMAGE_EXT}"):
                     try:

@@ -15,12 +15,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.train.masking import block_mask, mlm_mask
+from shards.tar import shard_samples
 
 # No crop or flip: the dVAE tokens describe exactly the stored 224x224 pixels.
 IMAGE_SIZE = 224
@@ -63,7 +63,7 @@ class TaskStream(IterableDataset):
             by_shard = len(tars) >= streams
             seen = 0
             source = tars[stream::streams] if by_shard else tars
-            for position, sample in enumerate(wds.tarfile_samples([{"url": t} for t in source])):
+            for position, sample in enumerate(shard_samples(source)):
                 if by_shard or position % streams == stream:
                     seen += 1
                     yield sample
@@ -234,6 +234,8 @@ def _with_neighbours(items: Iterator) -> Iterator[tuple]:
 
 def decode_sample(raw: dict, task: str) -> tuple[dict | None, str | None]:
     """The fields a task needs, or a reason code why the sample cannot be used."""
+    if "__error__" in raw:
+        return None, raw["__error__"]
     sample = {}
     if task in ("pairs", "text"):
         if "txt" not in raw:

@@ -6,7 +6,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from braceexpand import braceexpand
+
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.storage import as_path
 from pmd_pipeline.train.config import DataConfig
 from shards.layout import SIDECAR_SUFFIX, STATS_SUFFIX, TAR_SUFFIX, shard_tars
 
@@ -22,7 +25,9 @@ class Preflight:
 
 
 def preflight(data: DataConfig) -> Preflight:
-    root = Path(data.shards)
+    if is_shard_list(data.shards):
+        return _listed_shards(data)
+    root = as_path(data.shards)  # a local folder or a bucket's (s3://bucket/pmd): read in place, never copied
     if not root.is_dir() or not any(root.glob(f"*/*{TAR_SUFFIX}")):
         raise PmdError(f"no shards in {root}: run `just build-pmd` first (or set data.shards in the config)")
     report = Preflight(tars={}, samples={}, mix=dict(data.mix), codebook="")
@@ -40,6 +45,25 @@ def preflight(data: DataConfig) -> Preflight:
     if sum(report.mix.values()) <= 0:
         raise PmdError(f"no usable samples in {root} for any task: " + "; ".join(report.notes))
     report.codebook = _one_codebook(codebooks, data.codebook)
+    return report
+
+
+def is_shard_list(shards: str) -> bool:
+    """open_clip's conventions: a brace list (`.../{00000..00099}.tar`), `pipe:COMMAND`, or lists joined by `::`."""
+    return shards.startswith("pipe:") or "{" in shards or "::" in shards or shards.endswith(TAR_SUFFIX)
+
+
+def _listed_shards(data: DataConfig) -> Preflight:
+    """Tars named by URL are paired data; nothing beside them is read, so tokens and codebook are not checked here
+    (a sample without tokens is counted and skipped by the loader)."""
+    tars = [url for part in data.shards.split("::") for url in braceexpand(part)]
+    report = Preflight(tars={"pairs": tars, "image": [], "text": []}, samples={}, mix=dict(data.mix), codebook="")
+    report.codebook = data.codebook
+    for task in ("image", "text"):
+        if report.mix.get(task, 0) > 0:
+            report.notes.append(f"task '{task}' has no shards in a URL list: its weight {report.mix[task]} is set to 0")
+            report.mix[task] = 0.0
+    report.notes.append(f"{len(tars)} shards from a URL list: their stats and tokens are not checked before training")
     return report
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import webdataset as wds
-
 from pmd_pipeline.errors import PmdError
+from shards.tar import shard_samples
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TRAINED_FOLDER = "tokenizer"  # in the run folder: a vocabulary trained on the shards
@@ -126,6 +125,6 @@ def _special_kwargs() -> dict:
 
 
 def _texts(tars: list[str]):
-    for sample in wds.tarfile_samples([{"url": t} for t in tars]):
+    for sample in shard_samples(tars):
         if "txt" in sample:
             yield sample["txt"].decode("utf-8", errors="replace")
