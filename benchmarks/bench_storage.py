@@ -25,7 +25,7 @@ def run() -> dict:
     from tests.s3_server import s3_server
 
     work = Path(tempfile.mkdtemp(prefix="bench_storage_"))
-    with s3_server(buckets=("bucket",)):
+    with s3_server(buckets=("bucket",), own_process=True):
         build = build_figures(work)
         upload = upload_figures(work / "local_0")
         loader = loader_figures(work)

@@ -73,6 +73,9 @@ def _uploaded(path: Path, before_upload: Callable[[], None]) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    if is_remote(path):  # one PUT of the bytes: the object appears whole, and no temporary file is needed
+        path.fs.pipe_file(path.path, data)
+        return
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 

@@ -24,13 +24,12 @@ def s3_environment(endpoint: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def s3_server(buckets: tuple[str, ...] = ("bucket",)) -> Iterator[dict[str, str]]:
-    """Start moto's S3 server, set the environment for this process, create the buckets; yield the environment."""
-    from moto.server import ThreadedMotoServer
+def s3_server(buckets: tuple[str, ...] = ("bucket",), own_process: bool = False) -> Iterator[dict[str, str]]:
+    """Start moto's S3 server, set the environment for this process, create the buckets; yield the environment.
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    own_process: run it as `python -m moto.server` (a benchmark must not share its GIL with the server)."""
+    server = _ProcessServer() if own_process else _ThreadedServer()
+    host, port = server.host_and_port
     env = s3_environment(f"http://{host}:{port}")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -50,6 +49,47 @@ def s3_server(buckets: tuple[str, ...] = ("bucket",)) -> Iterator[dict[str, str]
             else:
                 os.environ[key] = value
         _forget_cached_filesystems()
+
+
+class _ThreadedServer:
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        self.host_and_port = self.server.get_host_and_port()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class _ProcessServer:
+    def __init__(self):
+        import socket
+        import subprocess
+        import sys
+        import time
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.host_and_port = ("127.0.0.1", port)
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(self.host_and_port, timeout=1).close()
+                return
+            except OSError:
+                if time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError("moto's server did not start") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.terminate()  # our own child, by its handle
+        self.process.wait(timeout=30)
 
 
 def _forget_cached_filesystems() -> None:
