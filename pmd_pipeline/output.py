@@ -11,9 +11,17 @@ from pmd_pipeline.config import BuildConfig
 from pmd_pipeline.config_file import config_from_dict
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.process import filter_chain
-from pmd_pipeline.storage import as_path, is_remote, list_names, url_of
-from shards.files import atomic_write_json
-from shards.layout import CONFIG_FILE, FORMAT_VERSION
+from pmd_pipeline.storage import as_path, is_remote, list_names, local_scratch, url_of
+from shards.files import atomic_write_json, owned_path
+from shards.layout import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    METADATA_FOLDER,
+    REJECTS_FILE,
+    WORK_FOLDER,
+    plan_folder,
+)
 
 
 def content_hash(cfg: BuildConfig) -> str:
@@ -48,10 +56,24 @@ def claim_output(cfg: BuildConfig) -> Path:
             )
     elif list_names(out):
         raise PmdError(f"{out} exists and is not a pmd build output; choose another --out")
+    refuse_links(cfg)
     if not is_remote(out):  # a bucket has no folders: OUT appears with its first object
         out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(saved, {"config_hash": content_hash(cfg), "config": cfg.to_dict()})
+    atomic_write_json(saved, {"config_hash": content_hash(cfg), "config": cfg.to_dict()}, within=out)
     return out
+
+
+def refuse_links(cfg: BuildConfig) -> None:
+    """Refuse, before any work, a symbolic link where the build keeps its own folders and files (owned_path).
+
+    Every delete and overwrite checks its own path again; this makes the common case one line at the start.
+    """
+    out = as_path(cfg.out)
+    owned = [out / CONFIG_FILE, out / MANIFEST_FILE, local_scratch(out, WORK_FOLDER)]
+    for source in cfg.enabled_sources():
+        owned += [plan_folder(out, source.name), out / METADATA_FOLDER / source.name, out / source.name / REJECTS_FILE]
+    for path in owned:
+        owned_path(out, path)
 
 
 def _read_hash(saved: Path) -> str | None:
@@ -78,4 +100,4 @@ def save_tokenize_settings(cfg: BuildConfig) -> None:
     path = as_path(cfg.out) / CONFIG_FILE
     saved = json.loads(path.read_text())
     saved["config"]["tokenize"] = cfg.to_dict()["tokenize"]
-    atomic_write_json(path, saved)
+    atomic_write_json(path, saved, within=as_path(cfg.out))
