@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from pmd_pipeline.config import BuildConfig
@@ -46,6 +49,7 @@ def _filter_chains(cfg: BuildConfig) -> dict:
 def claim_output(cfg: BuildConfig) -> Path:
     """Create OUT and save the resolved config; an OUT made by a different config is never touched."""
     out = as_path(cfg.out)
+    check_output_folder(out)
     saved = out / CONFIG_FILE
     if saved.exists():
         previous = _read_hash(saved)
@@ -57,10 +61,38 @@ def claim_output(cfg: BuildConfig) -> Path:
     elif list_names(out):
         raise PmdError(f"{out} exists and is not a pmd build output; choose another --out")
     refuse_links(cfg)
-    if not is_remote(out):  # a bucket has no folders: OUT appears with its first object
-        out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(saved, {"config_hash": content_hash(cfg), "config": cfg.to_dict()}, within=out)
+    with _writable(out):
+        if not is_remote(out):  # a bucket has no folders: OUT appears with its first object
+            out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(saved, {"config_hash": content_hash(cfg), "config": cfg.to_dict()}, within=out)
     return out
+
+
+def check_output_folder(out: Path) -> None:
+    """A local OUT is a folder, or can be made one: else one line saying why (not mkdir's traceback)."""
+    if is_remote(out):
+        return  # a bucket prefix is never a file in the way; cli's check_writable probes it
+    if out.is_symlink() and not out.exists():
+        raise PmdError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist")
+    if out.exists() and not out.is_dir():
+        raise PmdError(f"--out {out} is a file, not a folder; give a new folder or an earlier build's output")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PmdError(f"--out {out} cannot be made: {parent} is a file, not a folder")
+            return
+
+
+@contextlib.contextmanager
+def _writable(out: Path) -> Iterator[None]:
+    """An OSError making or writing OUT (read-only, no permission) becomes one line."""
+    try:
+        yield
+    except OSError as err:
+        raise PmdError(
+            f"cannot write to the output folder {out}: {err.strerror or err} ({err.filename or out}); "
+            "choose another --out or make it writable"
+        ) from None
 
 
 def refuse_links(cfg: BuildConfig) -> None:
@@ -100,4 +132,5 @@ def save_tokenize_settings(cfg: BuildConfig) -> None:
     path = as_path(cfg.out) / CONFIG_FILE
     saved = json.loads(path.read_text())
     saved["config"]["tokenize"] = cfg.to_dict()["tokenize"]
-    atomic_write_json(path, saved, within=as_path(cfg.out))
+    with _writable(as_path(cfg.out)):
+        atomic_write_json(path, saved, within=as_path(cfg.out))

@@ -1,9 +1,15 @@
-"""The user's disk: nothing a build deletes or overwrites may lie outside OUT (links inside OUT are refused)."""
+"""The user's disk: links inside OUT, an OUT that is no folder.
+
+Nothing a build deletes or overwrites may lie outside OUT; an OUT that cannot be a folder is one line, not a
+traceback.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -149,3 +155,39 @@ def test_a_link_met_inside_a_shard_task_stops_the_build_once(small_build, tmp_pa
     assert time.time() - started < 30
     assert outside.read_bytes() == b"the user's own file"
     assert not (out / "text_corpus" / "00001_stats.json").exists()
+
+
+# --- an OUT that is no folder, or cannot be written ---
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path):
+    target = tmp_path / "results.txt"
+    target.write_text("the user's file")
+    one_line_error(run("build", "--out", str(target)), "is a file, not a folder")
+    assert target.read_text() == "the user's file"
+    one_line_error(run("tokenize", str(target)), "is not a pmd build output")
+
+
+def test_out_whose_parent_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "results.txt").write_text("the user's file")
+    one_line_error(run("build", "--out", str(tmp_path / "results.txt" / "pmd_out")), "results.txt is a file")
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody may write into: a read-only tmpfs as root (root ignores modes), else mode 0555."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)]).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_out_that_cannot_be_written_is_one_line(read_only_folder):
+    one_line_error(run("build", "--out", str(read_only_folder / "pmd_out")), "cannot write to the output folder")
