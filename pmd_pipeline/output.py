@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from shards.files import atomic_write_json, owned_path
 from shards.layout import (
     CONFIG_FILE,
     FORMAT_VERSION,
+    LOCK_FILE,
     MANIFEST_FILE,
     METADATA_FOLDER,
     REJECTS_FILE,
@@ -58,8 +60,8 @@ def claim_output(cfg: BuildConfig) -> Path:
                 f"{out} was built with a different config (hash {previous}, this one {content_hash(cfg)}); "
                 "use another --out, or delete that folder to rebuild it"
             )
-    elif list_names(out):
-        raise PmdError(f"{out} exists and is not a pmd build output; choose another --out")
+    else:
+        _refuse_foreign(out)
     refuse_links(cfg)
     with _writable(out):
         if not is_remote(out):  # a bucket has no folders: OUT appears with its first object
@@ -83,6 +85,48 @@ def check_output_folder(out: Path) -> None:
             return
 
 
+def _refuse_foreign(out: Path) -> None:
+    """A folder holding anything but our lock file, and no config.json, is someone else's: never written into."""
+    if any(name != LOCK_FILE for name in list_names(out)):
+        raise PmdError(f"{out} exists and is not a pmd build output; choose another --out")
+
+
+@contextlib.contextmanager
+def lock_output(out: Path) -> Iterator[None]:
+    """Hold OUT/.pmd.lock for the whole run: a second `pmd build` or `pmd tokenize` of the same OUT is refused.
+
+    fcntl.flock: the kernel releases the lock when the process ends, however it ends (SIGKILL included), so
+    a killed run never leaves OUT locked; the file stays, meaning nothing by itself, and is never deleted
+    (deleting it would let two runs lock two different files). This serves local folders (and NFS, where
+    Linux maps flock to POSIX locks). An object store has no flock: OUT in a bucket is not locked yet and
+    needs its own lease (e.g. an object written with a conditional put, renewed while the run lives).
+    """
+    if is_remote(out):
+        yield
+        return
+    check_output_folder(out)
+    if not (out / CONFIG_FILE).exists():
+        _refuse_foreign(out)  # before the lock file is made in someone else's folder
+    with _writable(out):
+        out.mkdir(parents=True, exist_ok=True)
+        owned_path(out, out / LOCK_FILE)
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise PmdError(
+                f"{out} is in use by another pmd run (pid {holder}); wait for it to finish or stop it "
+                "(a stopped build resumes when re-run), or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 @contextlib.contextmanager
 def _writable(out: Path) -> Iterator[None]:
     """An OSError making or writing OUT (read-only, no permission) becomes one line."""
@@ -101,7 +145,7 @@ def refuse_links(cfg: BuildConfig) -> None:
     Every delete and overwrite checks its own path again; this makes the common case one line at the start.
     """
     out = as_path(cfg.out)
-    owned = [out / CONFIG_FILE, out / MANIFEST_FILE, local_scratch(out, WORK_FOLDER)]
+    owned = [out / CONFIG_FILE, out / MANIFEST_FILE, out / LOCK_FILE, local_scratch(out, WORK_FOLDER)]
     for source in cfg.enabled_sources():
         owned += [plan_folder(out, source.name), out / METADATA_FOLDER / source.name, out / source.name / REJECTS_FILE]
     for path in owned:

@@ -1,7 +1,7 @@
-"""The user's disk: links inside OUT, an OUT that is no folder.
+"""The user's disk: links inside OUT, two runs of one OUT, an OUT that is no folder.
 
-Nothing a build deletes or overwrites may lie outside OUT; an OUT that cannot be a folder is one line, not a
-traceback.
+Nothing a build deletes or overwrites may lie outside OUT; a second run of an OUT is refused while the first
+lives (and not after it was killed); an OUT that cannot be a folder is one line, not a traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +17,14 @@ import pytest
 from typer.testing import CliRunner
 
 from pmd_pipeline.cli import app
+from tests.test_resume import (
+    PMD,
+    assert_same_as_uninterrupted,
+    kill_group,
+    rerun_to_completion,
+    start_build,
+    wait_for,
+)
 
 runner = CliRunner()
 
@@ -191,3 +199,30 @@ def read_only_folder(tmp_path):
 
 def test_out_that_cannot_be_written_is_one_line(read_only_folder):
     one_line_error(run("build", "--out", str(read_only_folder / "pmd_out")), "cannot write to the output folder")
+
+
+# --- two runs of one OUT, and a run killed while it held OUT ---
+
+
+@pytest.mark.slow
+def test_a_second_run_of_one_out_is_refused_and_a_killed_run_leaves_no_stale_lock(
+    embedded_build, ray_session, tmp_path
+):
+    reference, _ = embedded_build
+    out = tmp_path / "pmd_out"
+    first = start_build(out, ray_session, pause_at="fetch")
+    wait_for(lambda: (out / "_paused_at_fetch").exists() or first.poll() is not None)
+    assert first.poll() is None, first.stdout.read().decode()[-2000:]
+    second_build = ["build", "--out", str(out), "--ray-address", ray_session, "--no-tokenize"]
+    for command in (second_build, ["tokenize", str(out)]):
+        started = time.time()
+        second = subprocess.run([*PMD, *command], capture_output=True, text=True, timeout=120)
+        elapsed = time.time() - started
+        message = " ".join(second.stderr.split())
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"error: {out} is in use by another pmd run (pid {first.pid})" in message, second.stderr
+        assert "Traceback" not in second.stderr
+        assert elapsed < 30, f"refused after {elapsed:.1f} s"
+    kill_group(first)  # SIGKILL: the kernel drops its lock
+    rerun_to_completion(out, ray_session)
+    assert_same_as_uninterrupted(out, reference)
