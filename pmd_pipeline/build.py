@@ -16,7 +16,7 @@ import ray
 
 from filters import build_filters
 from pmd_pipeline.config import BuildConfig
-from pmd_pipeline.errors import PmdError
+from pmd_pipeline.errors import PmdError, StopBuild
 from pmd_pipeline.faults import crash_point
 from pmd_pipeline.fetch.metadata import is_url
 from pmd_pipeline.manifest import write_manifest
@@ -25,6 +25,7 @@ from pmd_pipeline.plan import plan_source
 from pmd_pipeline.process import filter_chain, process_shard
 from pmd_pipeline.storage import as_path, local_scratch
 from pmd_pipeline.tokens.stage import shards_to_tokenize, tokenize_shards
+from shards.files import owned_path
 from shards.layout import WORK_FOLDER, ShardPaths, finished_shards
 from sources import get_source
 from sources.base import require_files
@@ -71,7 +72,8 @@ def build(cfg: BuildConfig, on_progress: Callable[[int, int], None] | None = Non
         return result
     crash_point("manifest", cfg.out)
     result.manifest = write_manifest(cfg)
-    shutil.rmtree(local_scratch(as_path(cfg.out), WORK_FOLDER), ignore_errors=True)
+    out = as_path(cfg.out)
+    shutil.rmtree(owned_path(out, local_scratch(out, WORK_FOLDER)), ignore_errors=True)
     return result
 
 
@@ -103,6 +105,8 @@ def _plan_sources(cfg: BuildConfig, result: BuildResult) -> list[dict]:
     for source_cfg, ref in zip(sources, refs, strict=True):
         try:
             plans.append(ray.get(ref))
+        except StopBuild:  # a link in OUT: the whole build stops, not this source alone
+            raise
         except PmdError as err:  # Ray re-raises the task's own exception type
             message = str(err).strip().splitlines()[-1]
             result.sources_failed[source_cfg.name] = message.removeprefix(f"{PmdError.__module__}.PmdError: ")
@@ -115,8 +119,12 @@ def _plan_task(cfg: BuildConfig, source_cfg) -> dict:
 
 
 @ray.remote(num_cpus=1)
-def _shard_task(cfg: BuildConfig, paths: ShardPaths) -> dict:
-    return process_shard(cfg, paths, node=ray.get_runtime_context().get_node_id())
+def _shard_task(cfg: BuildConfig, paths: ShardPaths) -> dict | StopBuild:
+    """One shard; a StopBuild (a link in OUT) is returned, not raised: Ray would retry it in vain."""
+    try:
+        return process_shard(cfg, paths, node=ray.get_runtime_context().get_node_id())
+    except StopBuild as err:
+        return err
 
 
 def _run_shards(cfg: BuildConfig, todo: list[ShardPaths], result: BuildResult, on_progress) -> None:
@@ -139,11 +147,14 @@ def _run_shards(cfg: BuildConfig, todo: list[ShardPaths], result: BuildResult, o
 
 def _collect(ref, paths: ShardPaths, result: BuildResult) -> None:
     try:
-        ray.get(ref)
-        result.shards_done += 1
+        value = ray.get(ref)
     except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as err:
         log.error("shard %s failed after retries: %s", paths.tar, err)
         result.shards_failed.append(str(paths.tar))
+        return
+    if isinstance(value, StopBuild):
+        raise value
+    result.shards_done += 1
 
 
 def validate(cfg: BuildConfig) -> None:

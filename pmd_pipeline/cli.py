@@ -70,7 +70,9 @@ def build(
             cfg.run.ray_address = ray_address
         if workers is not None:
             cfg.run.num_cpus = workers
-        with _embedded_mirror(cfg, embedded=config is None):
+        from pmd_pipeline.output import lock_output
+
+        with lock_output(as_path(cfg.out)), _embedded_mirror(cfg, embedded=config is None):
             result = _run_build(cfg)
         _report_build(cfg, result)
         if result.failed:
@@ -251,11 +253,18 @@ def tokenize(
 
 def _tokenize(out_url: str, codebook: str | None, force: bool, precision: str | None) -> bool:
     """Run the token stage on a local Ray (or the build's cluster) and report; False when some shard failed."""
-    from pmd_pipeline.build import retokenize
-    from pmd_pipeline.output import saved_config
+    from pmd_pipeline.output import lock_output, saved_config
 
     out = build_output(out_url)
-    start_ray(saved_config(out))  # read first: a wrong folder is refused before Ray starts
+    cfg = saved_config(out)  # read first: a wrong folder is refused before Ray starts, and gets no lock file
+    with lock_output(out):  # a build or another tokenize of OUT running now is refused
+        start_ray(cfg)
+        return _run_tokenize(out, codebook, force, precision)
+
+
+def _run_tokenize(out: Path, codebook: str | None, force: bool, precision: str | None) -> bool:
+    from pmd_pipeline.build import retokenize
+
     with Progress("[bold]tokenize", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("tokenize", total=None)
         progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731

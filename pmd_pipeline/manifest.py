@@ -49,7 +49,7 @@ def write_manifest(cfg: BuildConfig) -> dict:
             for key in ("shards", "rows_in", "samples_written", "pairs_written", "rejected_raw_records")
         },
     }
-    atomic_write_json(out / MANIFEST_FILE, manifest)
+    atomic_write_json(out / MANIFEST_FILE, manifest, within=out)
     return manifest
 
 

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from pmd_pipeline.config import BuildConfig
 from pmd_pipeline.config_file import config_from_dict
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.process import filter_chain
-from pmd_pipeline.storage import as_path, is_remote, list_names, url_of
-from shards.files import atomic_write_json
-from shards.layout import CONFIG_FILE, FORMAT_VERSION
+from pmd_pipeline.storage import as_path, is_remote, list_names, local_scratch, url_of
+from shards.files import atomic_write_json, owned_path
+from shards.layout import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    METADATA_FOLDER,
+    REJECTS_FILE,
+    WORK_FOLDER,
+    plan_folder,
+)
 
 
 def content_hash(cfg: BuildConfig) -> str:
@@ -38,6 +51,7 @@ def _filter_chains(cfg: BuildConfig) -> dict:
 def claim_output(cfg: BuildConfig) -> Path:
     """Create OUT and save the resolved config; an OUT made by a different config is never touched."""
     out = as_path(cfg.out)
+    check_output_folder(out)
     saved = out / CONFIG_FILE
     if saved.exists():
         previous = _read_hash(saved)
@@ -46,12 +60,96 @@ def claim_output(cfg: BuildConfig) -> Path:
                 f"{out} was built with a different config (hash {previous}, this one {content_hash(cfg)}); "
                 "use another --out, or delete that folder to rebuild it"
             )
-    elif list_names(out):
-        raise PmdError(f"{out} exists and is not a pmd build output; choose another --out")
-    if not is_remote(out):  # a bucket has no folders: OUT appears with its first object
-        out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(saved, {"config_hash": content_hash(cfg), "config": cfg.to_dict()})
+    else:
+        _refuse_foreign(out)
+    refuse_links(cfg)
+    with _writable(out):
+        if not is_remote(out):  # a bucket has no folders: OUT appears with its first object
+            out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(saved, {"config_hash": content_hash(cfg), "config": cfg.to_dict()}, within=out)
     return out
+
+
+def check_output_folder(out: Path) -> None:
+    """A local OUT is a folder, or can be made one: else one line saying why (not mkdir's traceback)."""
+    if is_remote(out):
+        return  # a bucket prefix is never a file in the way; cli's check_writable probes it
+    if out.is_symlink() and not out.exists():
+        raise PmdError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist")
+    if out.exists() and not out.is_dir():
+        raise PmdError(f"--out {out} is a file, not a folder; give a new folder or an earlier build's output")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PmdError(f"--out {out} cannot be made: {parent} is a file, not a folder")
+            return
+
+
+def _refuse_foreign(out: Path) -> None:
+    """A folder holding anything but our lock file, and no config.json, is someone else's: never written into."""
+    if any(name != LOCK_FILE for name in list_names(out)):
+        raise PmdError(f"{out} exists and is not a pmd build output; choose another --out")
+
+
+@contextlib.contextmanager
+def lock_output(out: Path) -> Iterator[None]:
+    """Hold OUT/.pmd.lock for the whole run: a second `pmd build` or `pmd tokenize` of the same OUT is refused.
+
+    fcntl.flock: the kernel releases the lock when the process ends, however it ends (SIGKILL included), so
+    a killed run never leaves OUT locked; the file stays, meaning nothing by itself, and is never deleted
+    (deleting it would let two runs lock two different files). This serves local folders (and NFS, where
+    Linux maps flock to POSIX locks). An object store has no flock: OUT in a bucket is not locked yet and
+    needs its own lease (e.g. an object written with a conditional put, renewed while the run lives).
+    """
+    if is_remote(out):
+        yield
+        return
+    check_output_folder(out)
+    if not (out / CONFIG_FILE).exists():
+        _refuse_foreign(out)  # before the lock file is made in someone else's folder
+    with _writable(out):
+        out.mkdir(parents=True, exist_ok=True)
+        owned_path(out, out / LOCK_FILE)
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise PmdError(
+                f"{out} is in use by another pmd run (pid {holder}); wait for it to finish or stop it "
+                "(a stopped build resumes when re-run), or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def _writable(out: Path) -> Iterator[None]:
+    """An OSError making or writing OUT (read-only, no permission) becomes one line."""
+    try:
+        yield
+    except OSError as err:
+        raise PmdError(
+            f"cannot write to the output folder {out}: {err.strerror or err} ({err.filename or out}); "
+            "choose another --out or make it writable"
+        ) from None
+
+
+def refuse_links(cfg: BuildConfig) -> None:
+    """Refuse, before any work, a symbolic link where the build keeps its own folders and files (owned_path).
+
+    Every delete and overwrite checks its own path again; this makes the common case one line at the start.
+    """
+    out = as_path(cfg.out)
+    owned = [out / CONFIG_FILE, out / MANIFEST_FILE, out / LOCK_FILE, local_scratch(out, WORK_FOLDER)]
+    for source in cfg.enabled_sources():
+        owned += [plan_folder(out, source.name), out / METADATA_FOLDER / source.name, out / source.name / REJECTS_FILE]
+    for path in owned:
+        owned_path(out, path)
 
 
 def _read_hash(saved: Path) -> str | None:
@@ -78,4 +176,5 @@ def save_tokenize_settings(cfg: BuildConfig) -> None:
     path = as_path(cfg.out) / CONFIG_FILE
     saved = json.loads(path.read_text())
     saved["config"]["tokenize"] = cfg.to_dict()["tokenize"]
-    atomic_write_json(path, saved)
+    with _writable(as_path(cfg.out)):
+        atomic_write_json(path, saved, within=as_path(cfg.out))

@@ -20,7 +20,7 @@ from pmd_pipeline.errors import PmdError
 from pmd_pipeline.faults import crash_point
 from pmd_pipeline.fetch.metadata import localize_metadata
 from pmd_pipeline.storage import as_path, is_remote, local_scratch, remove_tree
-from shards.files import atomic_path, atomic_write_json
+from shards.files import atomic_path, atomic_write_json, owned_path
 from shards.layout import PLAN_MARKER, REJECTS_FILE, ShardPaths, plan_folder
 from sources import get_source
 from sources.base import CANDIDATE_SCHEMA, RejectLog
@@ -31,21 +31,22 @@ def plan_source(cfg: BuildConfig, source_cfg: SourceConfig) -> dict:
     out = as_path(cfg.out)
     folder = plan_folder(out, source_cfg.name)
     marker = folder / PLAN_MARKER
-    if marker.exists():
+    if owned_path(out, marker).exists():
         return json.loads(marker.read_text())
-    remove_tree(folder)  # a partial plan from a crashed run: plans are deterministic
+    remove_tree(owned_path(out, folder))  # a partial plan from a crashed run: plans are deterministic
     source = get_source(source_cfg.name)
     source_cfg = localize_metadata(cfg, source_cfg)
     rejects = RejectLog()
     batches = _limited(source.read(source_cfg, rejects), source_cfg.limit)
     if source.repeats_keys:
-        batches = _merged_by_key(batches, local_scratch(folder, "_parts"))
+        parts = local_scratch(folder, "_parts")  # OUT/_plan/<source>/_parts, or a local folder for a bucket
+        batches = _merged_by_key(batches, parts if is_remote(out) else owned_path(out, parts))
     shards, rows = _write_plan_shards(batches, out, source_cfg.name, cfg.shard_size)
     summary = _summary(source_cfg.name, shards, rows, rejects)
     rejects_file = _write_rejects(out, source_cfg.name, rejects)
     if rows == 0 and len(rejects):  # no marker: once the raw files are fixed, a re-run plans the source again
         raise PmdError(_all_rejected(source_cfg.name, summary, rejects_file))
-    atomic_write_json(marker, summary)
+    atomic_write_json(marker, summary, within=out)
     return summary
 
 
@@ -109,7 +110,7 @@ def _write_plan_shards(batches: Iterator[pl.DataFrame], out: Path, source: str, 
 
 
 def _write_plan_shard(paths: ShardPaths, rows: pl.DataFrame) -> None:
-    with atomic_path(paths.plan) as tmp:
+    with atomic_path(paths.plan, within=paths.out) as tmp:
         rows.write_parquet(tmp)
     crash_point("plan", paths.out)
 
@@ -125,9 +126,8 @@ def _summary(source: str, shards: int, rows: int, rejects: RejectLog) -> dict:
 
 
 def _write_rejects(out: Path, source: str, rejects: RejectLog) -> Path:
-    """Malformed raw records, kept aside with file and line: OUT/<source>/_rejects.jsonl."""
-    folder = out / source
-    if not is_remote(folder):
-        folder.mkdir(parents=True, exist_ok=True)
-    rejects.write_jsonl(folder / REJECTS_FILE)
-    return folder / REJECTS_FILE
+    """Malformed raw records, kept aside with file and line: OUT/<source>/_rejects.jsonl (replaced, never followed)."""
+    path = out / source / REJECTS_FILE
+    with atomic_path(path, within=out) as tmp:
+        rejects.write_jsonl(tmp)
+    return path

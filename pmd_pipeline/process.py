@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import polars as pl
@@ -11,7 +10,8 @@ from filters import apply_filters, build_filters
 from pmd_pipeline.config import BuildConfig, FilterConfig
 from pmd_pipeline.faults import crash_point
 from pmd_pipeline.fetch.images import fetch_urls, read_local
-from shards.files import atomic_write_json, remove_temp_files
+from pmd_pipeline.storage import remove_tree
+from shards.files import atomic_write_json, owned_path, remove_temp_files
 from shards.layout import ShardPaths
 from shards.writer import write_shard
 from sources import get_source
@@ -24,7 +24,8 @@ def process_shard(cfg: BuildConfig, paths: ShardPaths, node: str | None = None) 
     if paths.is_done():
         return {"skipped": True, "source": paths.source, "shard": paths.name}
     started = time.time()
-    remove_temp_files(paths.folder, paths.name)  # of an attempt that was killed; redone from the plan
+    owned_path(paths.out, paths.work)  # img2dataset writes and deletes there
+    remove_temp_files(paths.folder, paths.name, within=paths.out)  # of an attempt that was killed; redone from the plan
     with paths.plan.open("rb") as f:
         rows = filter_rows(cfg, pl.read_parquet(f), paths.source)
     fetched = fetch_images(cfg, rows, paths)
@@ -32,8 +33,8 @@ def process_shard(cfg: BuildConfig, paths: ShardPaths, node: str | None = None) 
     crash_point("before_stats", paths.out)
     stats["seconds"] = round(time.time() - started, 3)
     stats["node"] = node
-    atomic_write_json(paths.stats, stats)  # last: the completion marker
-    shutil.rmtree(paths.work, ignore_errors=True)
+    atomic_write_json(paths.stats, stats, within=paths.out)  # last: the completion marker
+    remove_tree(owned_path(paths.out, paths.work))
     return stats
 
 

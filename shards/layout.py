@@ -44,6 +44,7 @@ MANIFEST_FILE = "manifest.json"  # written when a build completes
 PLAN_MARKER = "_plan.json"  # OUT/_plan/<source>/: the source is planned (rows, shards, rejects)
 SIZES_FILE = "sizes.json"  # per source folder, {tar name: samples}, as open_clip reads it
 WIDS_INDEX = "shardindex.json"  # per source folder, the format `widsindex create` writes
+LOCK_FILE = ".pmd.lock"  # held (flock) by the one run that may write OUT; left in place, never deleted
 PLAN_FOLDER = "_plan"
 WORK_FOLDER = "_work"  # scratch space of running shard tasks; removed when the build completes
 METADATA_FOLDER = "_metadata"  # metadata downloaded from URLs, once per build

@@ -42,7 +42,7 @@ def make_sidecar(identity: str, samples: list[dict], failures: Counter, tar_byte
 
 
 def write_sidecar(paths: ShardPaths, sidecar: dict) -> None:
-    atomic_write_json(paths.sidecar, sidecar)
+    atomic_write_json(paths.sidecar, sidecar, within=paths.out)
 
 
 def read_sidecar(paths: ShardPaths) -> dict | None:

@@ -18,9 +18,14 @@ from shards.files import atomic_path, sha256_of
 from shards.layout import TAR_MODE, TAR_OWNER
 
 
-def write_tar(path: Path, samples: Iterable[dict], before_rename: Callable[[], None] = lambda: None) -> tuple[int, str]:
-    """Write `samples` ({"__key__": key, ext: bytes}) to `path` atomically; returns (bytes, sha256)."""
-    with atomic_path(path, before_rename) as tmp:
+def write_tar(
+    path: Path, samples: Iterable[dict], before_rename: Callable[[], None] = lambda: None, within: Path | None = None
+) -> tuple[int, str]:
+    """Write `samples` ({"__key__": key, ext: bytes}) to `path` atomically; returns (bytes, sha256).
+
+    `within`: the build's OUT, which `path` must lie in with no link on the way (shards.files.owned_path).
+    """
+    with atomic_path(path, before_rename, within=within) as tmp:
         with open(tmp, "wb") as f:
             with wds.TarWriter(f, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE, mtime=0, encoder=False) as tar:
                 for sample in samples:

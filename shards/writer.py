@@ -41,9 +41,9 @@ def write_shard(paths: ShardPaths, rows: pl.DataFrame, fetched: dict[str, Fetche
     `fetched` holds the image outcome of every such row that has an image.
     """
     outcomes = [_outcome(row, fetched) for row in rows.iter_rows(named=True)]
-    tar_bytes, tar_sha256 = _write_tar(paths.tar, rows, outcomes)
+    tar_bytes, tar_sha256 = _write_tar(paths, rows, outcomes)
     table = _status_table(rows, outcomes)
-    _write_parquet_atomic(table, paths.parquet)
+    _write_parquet_atomic(table, paths.parquet, paths.out)
     return shard_stats(paths, table, tar_bytes, tar_sha256)
 
 
@@ -59,14 +59,14 @@ def _outcome(row: dict, fetched: dict[str, Fetched]) -> tuple[str, str | None, F
     return WRITTEN, None, result
 
 
-def _write_tar(path: Path, rows: pl.DataFrame, outcomes) -> tuple[int, str]:
+def _write_tar(paths: ShardPaths, rows: pl.DataFrame, outcomes) -> tuple[int, str]:
     """Samples in plan order, so the same inputs give the same bytes."""
     samples = (
         _sample(row, result)
         for row, (status, _, result) in zip(rows.iter_rows(named=True), outcomes, strict=True)
         if status == WRITTEN
     )
-    return write_tar(path, samples, before_rename=lambda: crash_point("write_tar", path.parents[1]))
+    return write_tar(paths.tar, samples, before_rename=lambda: crash_point("write_tar", paths.out), within=paths.out)
 
 
 def _sample(row: dict, result: Fetched | None) -> dict:
@@ -126,8 +126,8 @@ def _status_table(rows: pl.DataFrame, outcomes) -> pl.DataFrame:
     )
 
 
-def _write_parquet_atomic(table: pl.DataFrame, path: Path) -> None:
-    with atomic_path(path) as tmp:
+def _write_parquet_atomic(table: pl.DataFrame, path: Path, out: Path) -> None:
+    with atomic_path(path, within=out) as tmp:
         table.write_parquet(tmp)
 
 

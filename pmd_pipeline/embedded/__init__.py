@@ -18,6 +18,7 @@ from PIL import Image
 
 from pmd_pipeline.config import BuildConfig, SourceConfig
 from pmd_pipeline.storage import as_path, is_remote, local_scratch, upload, url_of
+from shards.files import owned_path
 
 BUNDLE = Path(__file__).parent / "bundle"
 MATERIALIZED_MARKER = ".materialized"
@@ -88,8 +89,8 @@ def materialize(out: str) -> Path:
     files are made in a local scratch folder and the inputs (not the mirror) uploaded to OUT/_embedded."""
     out_path = as_path(_out_url(out))
     root = local_scratch(out_path, EMBEDDED_FOLDER) if is_remote(out_path) else out_path / EMBEDDED_FOLDER
-    if not (root / MATERIALIZED_MARKER).exists():
-        _materialize_locally(root)
+    if not owned_path(out_path, root / MATERIALIZED_MARKER).exists():
+        _materialize_locally(owned_path(out_path, root))  # removes a half-made copy first: inside OUT only
     if is_remote(out_path) and not (out_path / EMBEDDED_FOLDER / MATERIALIZED_MARKER).exists():
         _publish(root, out_path / EMBEDDED_FOLDER)
     return root

@@ -11,7 +11,7 @@ from pmd_pipeline.errors import PmdError
 from pmd_pipeline.fetch.mirror import rewrite_url
 from pmd_pipeline.fetch.web import WebPolicy, stream_url
 from pmd_pipeline.storage import as_path, url_of
-from shards.files import atomic_path
+from shards.files import atomic_path, owned_path
 from shards.layout import METADATA_FOLDER
 
 
@@ -22,17 +22,18 @@ def is_url(path: str) -> bool:
 def localize_metadata(cfg: BuildConfig, source_cfg: SourceConfig) -> SourceConfig:
     """The same source config with every metadata URL replaced by its downloaded copy."""
     folder = as_path(cfg.out) / METADATA_FOLDER / source_cfg.name
-    local = [url_of(_download(url, folder, cfg.fetch)) if is_url(url) else url for url in source_cfg.metadata]
+    local = [url_of(_download(url, folder, cfg)) if is_url(url) else url for url in source_cfg.metadata]
     return replace(source_cfg, metadata=local)
 
 
-def _download(url: str, folder: Path, fetch) -> Path:
+def _download(url: str, folder: Path, cfg: BuildConfig) -> Path:
+    fetch, out = cfg.fetch, as_path(cfg.out)
     target = folder / (Path(url.split("?")[0]).name or "metadata")
-    if target.exists():
+    if owned_path(out, target).exists():
         return target  # downloaded by an earlier run: metadata of a build never changes under it
     try:
         with (
-            atomic_path(target) as tmp,
+            atomic_path(target, within=out) as tmp,
             stream_url(rewrite_url(url, fetch.mirror), WebPolicy.from_config(fetch)) as r,
             open(tmp, "wb") as f,
         ):

@@ -208,10 +208,10 @@ def write_indexes(folder: Path, checks: list[ShardCheck]) -> None:
     if not checks:
         return
     names = {c.tar: Path(c.tar).name for c in checks}
-    atomic_write_json(folder / SIZES_FILE, {names[c.tar]: c.samples for c in checks})
+    atomic_write_json(folder / SIZES_FILE, {names[c.tar]: c.samples for c in checks}, within=folder.parent)
     shardlist = [{"url": names[c.tar], "nsamples": c.samples, "filesize": c.bytes} for c in checks if c.samples]
     index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": folder.name, "shardlist": shardlist}
-    atomic_write_json(folder / WIDS_INDEX, index)
+    atomic_write_json(folder / WIDS_INDEX, index, within=folder.parent)
 
 
 def _report(checks: dict[str, list[ShardCheck]]) -> None:

@@ -43,10 +43,13 @@ def tokenize_shard(paths: ShardPaths, tokenizer: DvaeTokenizer, identity: str, b
     if not needs_tokens(paths, identity, force):
         return {**read_sidecar(paths), "skipped": True}
     started = time.time()
-    remove_temp_files(paths.folder, f"{paths.tar.name}.")  # of a killed rewrite; the old tar is intact
+    # of a killed rewrite; the old tar is intact
+    remove_temp_files(paths.folder, f"{paths.tar.name}.", within=paths.out)
     samples = read_samples(paths.tar)
     failures = add_tokens(samples, tokenizer, batch_size)
-    tar_bytes, tar_sha256 = write_tar(paths.tar, samples, before_rename=lambda: crash_point("tokenize", paths.out))
+    tar_bytes, tar_sha256 = write_tar(
+        paths.tar, samples, before_rename=lambda: crash_point("tokenize", paths.out), within=paths.out
+    )
     sidecar = make_sidecar(
         identity,
         samples,

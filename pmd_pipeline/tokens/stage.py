@@ -15,7 +15,7 @@ import numpy as np
 import ray
 
 from pmd_pipeline.config import TokenizeConfig
-from pmd_pipeline.errors import PmdError
+from pmd_pipeline.errors import PmdError, StopBuild
 from pmd_pipeline.tokens.codebook import codebook_identity
 from pmd_pipeline.tokens.encoder import BadImage, check_precision, encoder_pixels, tokens_identity
 from pmd_pipeline.tokens.shard import needs_tokens
@@ -104,6 +104,8 @@ def tokenize_shards(
         done += 1
         try:
             ray.get(ready[0])
+        except StopBuild:  # a link in OUT: every shard would meet it
+            raise
         except ray.exceptions.RayError as err:
             log.error("tokenizing failed: %s", err)
             failed.append(str(err).splitlines()[0])
