@@ -102,14 +102,18 @@ def _plan_sources(cfg: BuildConfig, result: BuildResult) -> list[dict]:
     sources = cfg.enabled_sources()
     refs = [_plan_task.remote(cfg, s) for s in sources]
     plans = []
-    for source_cfg, ref in zip(sources, refs, strict=True):
-        try:
-            plans.append(ray.get(ref))
-        except StopBuild:  # a link in OUT: the whole build stops, not this source alone
-            raise
-        except PmdError as err:  # Ray re-raises the task's own exception type
-            message = str(err).strip().splitlines()[-1]
-            result.sources_failed[source_cfg.name] = message.removeprefix(f"{PmdError.__module__}.PmdError: ")
+    try:
+        for source_cfg, ref in zip(sources, refs, strict=True):
+            try:
+                plans.append(ray.get(ref))
+            except StopBuild:  # a link in OUT: the whole build stops, not this source alone
+                raise
+            except PmdError as err:  # Ray re-raises the task's own exception type
+                message = str(err).strip().splitlines()[-1]
+                result.sources_failed[source_cfg.name] = message.removeprefix(f"{PmdError.__module__}.PmdError: ")
+    except BaseException:  # stopped (a signal, a refusal): no task of this run goes on writing
+        cancel(refs)
+        raise
     return plans
 
 
@@ -127,6 +131,15 @@ def _shard_task(cfg: BuildConfig, paths: ShardPaths) -> dict | StopBuild:
         return err
 
 
+def cancel(refs) -> None:
+    """Cancel this run's tasks still in flight (force: a task sleeping in I/O stops now); done ones are kept."""
+    for ref in refs:
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:  # noqa: BLE001 - finished, or its worker already gone: nothing left to stop
+            pass
+
+
 def _run_shards(cfg: BuildConfig, todo: list[ShardPaths], result: BuildResult, on_progress) -> None:
     """Keep at most `max_in_flight` shard tasks running; Ray retries each failed task `shard_retries` times."""
     limit = cfg.run.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
@@ -134,15 +147,19 @@ def _run_shards(cfg: BuildConfig, todo: list[ShardPaths], result: BuildResult, o
     task = _shard_task.options(max_retries=cfg.run.shard_retries, retry_exceptions=True, scheduling_strategy="SPREAD")
     queue = list(reversed(todo))
     in_flight: dict = {}
-    while queue or in_flight:
-        while queue and len(in_flight) < limit:
-            paths = queue.pop()
-            in_flight[task.remote(cfg, paths)] = paths
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        paths = in_flight.pop(ready[0])
-        _collect(ready[0], paths, result)
-        if on_progress:
-            on_progress(result.shards_done + len(result.shards_failed), len(todo))
+    try:
+        while queue or in_flight:
+            while queue and len(in_flight) < limit:
+                paths = queue.pop()
+                in_flight[task.remote(cfg, paths)] = paths
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            paths = in_flight.pop(ready[0])
+            _collect(ready[0], paths, result)
+            if on_progress:
+                on_progress(result.shards_done + len(result.shards_failed), len(todo))
+    except BaseException:  # stopped (a signal, a link in OUT): no shard task goes on writing
+        cancel(in_flight)
+        raise
 
 
 def _collect(ref, paths: ShardPaths, result: BuildResult) -> None:

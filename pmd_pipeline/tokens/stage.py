@@ -84,12 +84,16 @@ def tokenize_shards(
     all_shards = all_shards or todo
     calibration = calibration_pixels(all_shards) if tcfg.precision == "int8" else None
     actors = _start_actors(tcfg, min(len(todo), _actor_count(tcfg)), calibration)
-    try:  # `auto` resolves on the actors' device, so only now is the precision known
+    try:  # every way out (done, a refusal, a signal) kills the actors: none goes on writing
+        # `auto` resolves on the actors' device, so only now is the precision known
         refuse_mixed_precision(all_shards, ray.get(actors[0].precision.remote()), force)
-    except PmdError:
+        return _run_pool(actors, todo, force, on_progress)
+    finally:
         for actor in actors:
             ray.kill(actor)
-        raise
+
+
+def _run_pool(actors: list, todo: list[ShardPaths], force: bool, on_progress: Callable | None) -> list[str]:
     failed: list[str] = []
     queue = list(reversed(todo))
     in_flight: dict = {}
@@ -111,8 +115,6 @@ def tokenize_shards(
             failed.append(str(err).splitlines()[0])
         if on_progress:
             on_progress(done, len(todo))
-    for actor in actors:
-        ray.kill(actor)
     return failed
 
 
