@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 
 from pmd_pipeline.config import BuildConfig
 from pmd_pipeline.config_file import load_config
-from pmd_pipeline.errors import PmdError
+from pmd_pipeline.errors import PmdError, is_disk_full
 from pmd_pipeline.storage import as_path, check_readable, check_writable, is_remote, url_of
 
 app = typer.Typer(help="Rebuild PMD as webdataset shards and pretrain FLAVA on them.", no_args_is_help=True)
@@ -76,7 +76,12 @@ def build(
             cfg.run.num_cpus = workers
         from pmd_pipeline.output import lock_output
 
-        with lock_output(as_path(cfg.out)), _ray_down_on_failure(), _embedded_mirror(cfg, embedded=config is None):
+        with (
+            lock_output(as_path(cfg.out)),
+            _disk_full_once(as_path(cfg.out)),
+            _ray_down_on_failure(),
+            _embedded_mirror(cfg, embedded=config is None),
+        ):
             result = _run_build(cfg)
         _report_build(cfg, result)
         if result.failed:
@@ -264,7 +269,7 @@ def _tokenize(out_url: str, codebook: str | None, force: bool, precision: str | 
 
     out = build_output(out_url)
     cfg = saved_config(out)  # read first: a wrong folder is refused before Ray starts, and gets no lock file
-    with lock_output(out), _ray_down_on_failure():  # a build or another tokenize of OUT running now is refused
+    with lock_output(out), _disk_full_once(out), _ray_down_on_failure():  # a build or tokenize running now: refused
         start_ray(cfg)
         return _run_tokenize(out, codebook, force, precision)
 
@@ -374,6 +379,19 @@ def _shutdown_ray() -> None:
         ray.shutdown()
     except Exception:  # noqa: BLE001 - stopping anyway; the deadline thread ends the process if this hangs
         pass
+
+
+@contextlib.contextmanager
+def _disk_full_once(out: Path):
+    """A full output device, wherever it is met (this process or a Ray task), is one line, said once."""
+    try:
+        yield
+    except Exception as err:
+        if not is_disk_full(err) or isinstance(err, typer.Exit):
+            raise
+        from pmd_pipeline.output import disk_full_error
+
+        raise disk_full_error(out) from None
 
 
 @contextlib.contextmanager

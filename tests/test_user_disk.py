@@ -1,8 +1,8 @@
-"""The user's disk: links inside OUT, two runs of one OUT, stopping by signal, an OUT that is no folder.
+"""The user's disk: links inside OUT, two runs of one OUT, stopping by signal, a full device, an OUT that is no folder.
 
 Nothing a build deletes or overwrites may lie outside OUT; a second run of an OUT is refused while the first
 lives (and not after it was killed); SIGINT and SIGTERM stop a build in seconds with one line and a folder that
-resumes exactly; an OUT that cannot be a folder is one line, not a traceback.
+resumes exactly; a full device is said once; an OUT that cannot be a folder is one line, not a traceback.
 """
 
 from __future__ import annotations
@@ -263,5 +263,45 @@ def test_a_signal_stops_the_build_cleanly_and_a_rerun_equals_uninterrupted(
     assert stopped == [f"stopped by {signum.name}; re-run the same command to resume the build"], output[-3000:]
     assert "Traceback" not in output and "received at time" not in output, output[-3000:]
     assert not (out / "manifest.json").exists()
+    rerun_to_completion(out, ray_session)
+    assert_same_as_uninterrupted(out, reference)
+
+
+# --- a full output device: said once, and the folder resumes once there is room ---
+
+
+@pytest.fixture
+def small_device(tmp_path):
+    """A real tmpfs of 9 MiB (the embedded sample's images take about 6.5 MiB of it); root only."""
+    mount = tmp_path / "small_device"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_device_is_said_once_and_a_rerun_with_room_equals_uninterrupted(
+    small_device, embedded_build, ray_session
+):
+    reference, _ = embedded_build
+    out = small_device / "pmd_out"
+    full = subprocess.run(
+        [*PMD, "build", "--out", str(out), "--ray-address", ray_session, "--no-tokenize"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = full.stdout + full.stderr
+    message = " ".join(full.stderr.split())
+    assert full.returncode == 2, output[-3000:]
+    assert message.count("error: the output device is full") == 1, output[-3000:]
+    assert "written there" in message and "re-run the same command" in message, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert not (out / "manifest.json").exists()
+    subprocess.run(["mount", "-o", "remount,size=256m", str(small_device)], check=True)
     rerun_to_completion(out, ray_session)
     assert_same_as_uninterrupted(out, reference)

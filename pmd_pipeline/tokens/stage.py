@@ -15,7 +15,7 @@ import numpy as np
 import ray
 
 from pmd_pipeline.config import TokenizeConfig
-from pmd_pipeline.errors import PmdError, StopBuild
+from pmd_pipeline.errors import DiskFull, PmdError, StopBuild, is_disk_full
 from pmd_pipeline.tokens.codebook import codebook_identity
 from pmd_pipeline.tokens.encoder import BadImage, check_precision, encoder_pixels, tokens_identity
 from pmd_pipeline.tokens.shard import needs_tokens
@@ -84,7 +84,7 @@ def tokenize_shards(
     all_shards = all_shards or todo
     calibration = calibration_pixels(all_shards) if tcfg.precision == "int8" else None
     actors = _start_actors(tcfg, min(len(todo), _actor_count(tcfg)), calibration)
-    try:  # every way out (done, a refusal, a signal) kills the actors: none goes on writing
+    try:  # every way out (done, a refusal, a full device, a signal) kills the actors: none goes on writing
         # `auto` resolves on the actors' device, so only now is the precision known
         refuse_mixed_precision(all_shards, ray.get(actors[0].precision.remote()), force)
         return _run_pool(actors, todo, force, on_progress)
@@ -111,6 +111,8 @@ def _run_pool(actors: list, todo: list[ShardPaths], force: bool, on_progress: Ca
         except StopBuild:  # a link in OUT: every shard would meet it
             raise
         except ray.exceptions.RayError as err:
+            if is_disk_full(err):  # stop once, not one failure per shard
+                raise DiskFull(f"no space left on the output device: {str(err).splitlines()[0]}") from None
             log.error("tokenizing failed: %s", err)
             failed.append(str(err).splitlines()[0])
         if on_progress:
