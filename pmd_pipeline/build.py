@@ -16,7 +16,7 @@ import ray
 
 from filters import build_filters
 from pmd_pipeline.config import BuildConfig
-from pmd_pipeline.errors import PmdError, StopBuild
+from pmd_pipeline.errors import DiskFull, PmdError, StopBuild, is_disk_full
 from pmd_pipeline.faults import crash_point
 from pmd_pipeline.fetch.metadata import is_url
 from pmd_pipeline.manifest import write_manifest
@@ -102,29 +102,51 @@ def _plan_sources(cfg: BuildConfig, result: BuildResult) -> list[dict]:
     sources = cfg.enabled_sources()
     refs = [_plan_task.remote(cfg, s) for s in sources]
     plans = []
-    for source_cfg, ref in zip(sources, refs, strict=True):
-        try:
-            plans.append(ray.get(ref))
-        except StopBuild:  # a link in OUT: the whole build stops, not this source alone
-            raise
-        except PmdError as err:  # Ray re-raises the task's own exception type
-            message = str(err).strip().splitlines()[-1]
-            result.sources_failed[source_cfg.name] = message.removeprefix(f"{PmdError.__module__}.PmdError: ")
+    try:
+        for source_cfg, ref in zip(sources, refs, strict=True):
+            try:
+                plans.append(ray.get(ref))
+            except StopBuild:  # a full device or a link in OUT: the whole build stops, not this source alone
+                raise
+            except PmdError as err:  # Ray re-raises the task's own exception type
+                message = str(err).strip().splitlines()[-1]
+                result.sources_failed[source_cfg.name] = message.removeprefix(f"{PmdError.__module__}.PmdError: ")
+    except BaseException:  # stopped (a signal, a full device, a refusal): no task of this run goes on writing
+        cancel(refs)
+        raise
     return plans
 
 
 @ray.remote(num_cpus=1)
 def _plan_task(cfg: BuildConfig, source_cfg) -> dict:
-    return plan_source(cfg, source_cfg)
+    try:
+        return plan_source(cfg, source_cfg)
+    except Exception as err:
+        if is_disk_full(err) and not isinstance(err, DiskFull):
+            raise DiskFull(f"no space left on the output device: {err}") from None
+        raise
 
 
 @ray.remote(num_cpus=1)
 def _shard_task(cfg: BuildConfig, paths: ShardPaths) -> dict | StopBuild:
-    """One shard; a StopBuild (a link in OUT) is returned, not raised: Ray would retry it in vain."""
+    """One shard; a StopBuild (full device, link in OUT) is returned, not raised: Ray would retry it in vain."""
     try:
         return process_shard(cfg, paths, node=ray.get_runtime_context().get_node_id())
     except StopBuild as err:
         return err
+    except Exception as err:
+        if is_disk_full(err):
+            return DiskFull(f"no space left on the output device writing {paths.tar}: {err}")
+        raise
+
+
+def cancel(refs) -> None:
+    """Cancel this run's tasks still in flight (force: a task sleeping in I/O stops now); done ones are kept."""
+    for ref in refs:
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:  # noqa: BLE001 - finished, or its worker already gone: nothing left to stop
+            pass
 
 
 def _run_shards(cfg: BuildConfig, todo: list[ShardPaths], result: BuildResult, on_progress) -> None:
@@ -134,15 +156,19 @@ def _run_shards(cfg: BuildConfig, todo: list[ShardPaths], result: BuildResult, o
     task = _shard_task.options(max_retries=cfg.run.shard_retries, retry_exceptions=True, scheduling_strategy="SPREAD")
     queue = list(reversed(todo))
     in_flight: dict = {}
-    while queue or in_flight:
-        while queue and len(in_flight) < limit:
-            paths = queue.pop()
-            in_flight[task.remote(cfg, paths)] = paths
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        paths = in_flight.pop(ready[0])
-        _collect(ready[0], paths, result)
-        if on_progress:
-            on_progress(result.shards_done + len(result.shards_failed), len(todo))
+    try:
+        while queue or in_flight:
+            while queue and len(in_flight) < limit:
+                paths = queue.pop()
+                in_flight[task.remote(cfg, paths)] = paths
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            paths = in_flight.pop(ready[0])
+            _collect(ready[0], paths, result)
+            if on_progress:
+                on_progress(result.shards_done + len(result.shards_failed), len(todo))
+    except BaseException:  # stopped (a signal, a full device, a link in OUT): no shard task goes on writing
+        cancel(in_flight)
+        raise
 
 
 def _collect(ref, paths: ShardPaths, result: BuildResult) -> None:

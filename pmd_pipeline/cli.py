@@ -1,6 +1,7 @@
 """The `pmd` command: one verb per subcommand (build, sources, stats, show, verify, tokenize, pretrain).
 
 This layer alone starts or joins Ray (`start_ray`); the stages below it run on whatever instance it made.
+It also owns how a run ends: one line per problem (exit 2), and SIGINT/SIGTERM stop a build cleanly (130/143).
 """
 
 from __future__ import annotations
@@ -8,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import typer
@@ -18,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 
 from pmd_pipeline.config import BuildConfig
 from pmd_pipeline.config_file import load_config
-from pmd_pipeline.errors import PmdError
+from pmd_pipeline.errors import PmdError, is_disk_full
 from pmd_pipeline.storage import as_path, check_readable, check_writable, is_remote, url_of
 
 app = typer.Typer(help="Rebuild PMD as webdataset shards and pretrain FLAVA on them.", no_args_is_help=True)
@@ -54,7 +58,7 @@ def build(
     precision: str = typer.Option(None, help="dVAE precision: auto, fp32, bf16 or int8 (overrides [tokenize])."),
 ) -> None:
     """Build shards: plan -> filter -> fetch -> write -> manifest. Re-running resumes; finished shards are kept."""
-    with _errors_as_messages():
+    with _errors_as_messages(), _stops_cleanly("build"):
         cfg = _build_config(config, out)
         check_writable(as_path(cfg.out))  # a missing bucket or a denied write stops here, in one line
         if mirror is not None:
@@ -72,7 +76,12 @@ def build(
             cfg.run.num_cpus = workers
         from pmd_pipeline.output import lock_output
 
-        with lock_output(as_path(cfg.out)), _embedded_mirror(cfg, embedded=config is None):
+        with (
+            lock_output(as_path(cfg.out)),
+            _disk_full_once(as_path(cfg.out)),
+            _ray_down_on_failure(),
+            _embedded_mirror(cfg, embedded=config is None),
+        ):
             result = _run_build(cfg)
         _report_build(cfg, result)
         if result.failed:
@@ -154,6 +163,9 @@ def start_ray(cfg: BuildConfig) -> None:
             logging_level=logging.WARNING,
             runtime_env=runtime_env,
         )
+    _stopping.ray_started = True
+    if _stopping.active:  # ray.init put its own SIGTERM handlers in place (one aborts with a stack dump)
+        _install_stop_handlers()
 
 
 def _report_build(cfg: BuildConfig, result) -> None:
@@ -246,7 +258,7 @@ def tokenize(
     precision: str = typer.Option(None, help="auto, fp32, bf16 or int8; default: the build's [tokenize] precision."),
 ) -> None:
     """Add dVAE image tokens (KEY.dvae.npy) to every finished shard, without re-downloading; rewrites the manifest."""
-    with _errors_as_messages():
+    with _errors_as_messages(), _stops_cleanly("tokenize"):
         if not _tokenize(out, codebook, force, precision):
             raise typer.Exit(1)
 
@@ -257,7 +269,7 @@ def _tokenize(out_url: str, codebook: str | None, force: bool, precision: str | 
 
     out = build_output(out_url)
     cfg = saved_config(out)  # read first: a wrong folder is refused before Ray starts, and gets no lock file
-    with lock_output(out):  # a build or another tokenize of OUT running now is refused
+    with lock_output(out), _disk_full_once(out), _ray_down_on_failure():  # a build or tokenize running now: refused
         start_ray(cfg)
         return _run_tokenize(out, codebook, force, precision)
 
@@ -287,6 +299,109 @@ def pretrain(
 
     with _errors_as_messages():
         run_pretrain(config, resume, say=lambda line: console.print(line, markup=False, highlight=False))
+
+
+# --- how a run stops: SIGINT (Ctrl-C) and SIGTERM (a scheduler, `kill`) take the same clean way out ---
+
+STOP_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as shells report it
+STOP_GRACE_S = 8.0  # a stop that has not ended the process by then ends it at once (what it leaves resumes)
+
+
+class _Stopping:
+    active = False  # inside a command that stops cleanly (its handlers are to be kept in place)
+    what = "build"
+    ray_started = False  # this command started or joined Ray (so it, and only it, shuts it down)
+    signum: int | None = None  # the signal that asked this run to stop
+    reported = threading.Lock()  # taken by whoever prints the one line (the main thread or the deadline)
+
+
+_stopping = _Stopping()
+
+
+def _install_stop_handlers() -> None:
+    for signum in STOP_EXIT_CODES:
+        signal.signal(signum, _on_stop_signal)
+
+
+def _on_stop_signal(signum, frame) -> None:
+    if _stopping.signum is not None:
+        return  # a second Ctrl-C while stopping: the stop already under way (and its deadline) finishes it
+    _stopping.signum = signum
+    threading.Thread(target=_stop_deadline, name="pmd-stop-deadline", daemon=True).start()
+    raise KeyboardInterrupt  # the main thread unwinds: Ray calls are interrupted, tasks cancelled on the way out
+
+
+def _stop_deadline() -> None:
+    """Whatever the main thread is doing (a library that swallowed the interrupt), the process ends in time."""
+    time.sleep(STOP_GRACE_S)
+    _report_stop()
+    os._exit(STOP_EXIT_CODES[_stopping.signum])
+
+
+def _report_stop() -> None:
+    if not _stopping.reported.acquire(blocking=False):
+        return
+    name = signal.Signals(_stopping.signum or signal.SIGINT).name
+    console.print(f"stopped by {name}; re-run the same command to resume the {_stopping.what}", highlight=False)
+
+
+@contextlib.contextmanager
+def _stops_cleanly(what: str):
+    """SIGINT and SIGTERM become one KeyboardInterrupt: in-flight tasks are cancelled (by build/tokenize on the
+    way out), Ray is shut down, one line is printed, and the exit code is 130 or 143. The folder resumes."""
+    _stopping.active, _stopping.what = True, what
+    previous = {signum: signal.getsignal(signum) for signum in STOP_EXIT_CODES}
+    _install_stop_handlers()
+    try:
+        yield
+    except KeyboardInterrupt:
+        if _stopping.signum is None:  # an interrupt no handler of ours saw (raised by a library)
+            _stopping.signum = signal.SIGINT
+        _shutdown_ray()
+        _report_stop()
+        raise typer.Exit(STOP_EXIT_CODES[_stopping.signum]) from None
+    finally:
+        _stopping.active = False
+        if _stopping.signum is None:  # a caller in this process (a test) gets its own back; a stopping run
+            for signum, handler in previous.items():  # keeps ignoring a second Ctrl-C while it exits
+                signal.signal(signum, handler)
+
+
+def _shutdown_ray() -> None:
+    """Disconnect (a joined cluster then drops this run's tasks) or stop the local instance, if this command
+    started it (a caller's own Ray, in this process, is left alone)."""
+    if not _stopping.ray_started:
+        return
+    try:
+        import ray
+
+        _stopping.ray_started = False
+        ray.shutdown()
+    except Exception:  # noqa: BLE001 - stopping anyway; the deadline thread ends the process if this hangs
+        pass
+
+
+@contextlib.contextmanager
+def _disk_full_once(out: Path):
+    """A full output device, wherever it is met (this process or a Ray task), is one line, said once."""
+    try:
+        yield
+    except Exception as err:
+        if not is_disk_full(err) or isinstance(err, typer.Exit):
+            raise
+        from pmd_pipeline.output import disk_full_error
+
+        raise disk_full_error(out) from None
+
+
+@contextlib.contextmanager
+def _ray_down_on_failure():
+    """Whatever ends a run early, Ray is shut down before OUT's lock is let go (no task of it writes on)."""
+    try:
+        yield
+    except BaseException:
+        _shutdown_ray()
+        raise
 
 
 @contextlib.contextmanager

@@ -8,12 +8,14 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from pmd_pipeline.config import BuildConfig
 from pmd_pipeline.config_file import config_from_dict
-from pmd_pipeline.errors import PmdError
+from pmd_pipeline.errors import DiskFull, PmdError, is_disk_full
 from pmd_pipeline.process import filter_chain
 from pmd_pipeline.storage import as_path, is_remote, list_names, local_scratch, url_of
 from shards.files import atomic_write_json, owned_path
@@ -25,6 +27,7 @@ from shards.layout import (
     METADATA_FOLDER,
     REJECTS_FILE,
     WORK_FOLDER,
+    finished_shards,
     plan_folder,
 )
 
@@ -129,10 +132,12 @@ def lock_output(out: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _writable(out: Path) -> Iterator[None]:
-    """An OSError making or writing OUT (read-only, no permission) becomes one line."""
+    """An OSError making or writing OUT (read-only, no permission, full) becomes one line."""
     try:
         yield
     except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(out) from None
         raise PmdError(
             f"cannot write to the output folder {out}: {err.strerror or err} ({err.filename or out}); "
             "choose another --out or make it writable"
@@ -150,6 +155,50 @@ def refuse_links(cfg: BuildConfig) -> None:
         owned += [plan_folder(out, source.name), out / METADATA_FOLDER / source.name, out / source.name / REJECTS_FILE]
     for path in owned:
         owned_path(out, path)
+
+
+def disk_full_error(out: Path) -> DiskFull:
+    """The one message of a full device: where, how much the build holds there, and that a re-run resumes.
+
+    For OUT in a bucket the device that filled is this machine's: temporary files and scratch folders."""
+    out = as_path(out)
+    if is_remote(out):
+        scratch = Path(tempfile.gettempdir())
+        return DiskFull(
+            f"this machine's temporary folder {scratch} is full ({_free(scratch)} free) while building {url_of(out)}; "
+            "free some space there (or point TMPDIR at a larger disk) and re-run the same command: it resumes "
+            f"from the {len(finished_shards(out))} finished shards"
+        )
+    finished = len(finished_shards(out)) if out.is_dir() else 0
+    return DiskFull(
+        f"the output device is full (no space left writing {out}): {_size(_bytes_under(out))} written there, "
+        f"{finished} shards finished and kept, {_free(out)} free. Free some space (or move OUT to a larger disk) "
+        "and re-run the same command: it resumes from the finished shards"
+    )
+
+
+def _free(folder: Path) -> str:
+    try:
+        return _size(shutil.disk_usage(folder).free)
+    except OSError:
+        return "?"
+
+
+def _bytes_under(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _read_hash(saved: Path) -> str | None:

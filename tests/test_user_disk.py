@@ -1,7 +1,8 @@
-"""The user's disk: links inside OUT, two runs of one OUT, an OUT that is no folder.
+"""The user's disk: links inside OUT, two runs of one OUT, stopping by signal, a full device, an OUT that is no folder.
 
 Nothing a build deletes or overwrites may lie outside OUT; a second run of an OUT is refused while the first
-lives (and not after it was killed); an OUT that cannot be a folder is one line, not a traceback.
+lives (and not after it was killed); SIGINT and SIGTERM stop a build in seconds with one line and a folder that
+resumes exactly; a full device is said once; an OUT that cannot be a folder is one line, not a traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -224,5 +226,82 @@ def test_a_second_run_of_one_out_is_refused_and_a_killed_run_leaves_no_stale_loc
         assert "Traceback" not in second.stderr
         assert elapsed < 30, f"refused after {elapsed:.1f} s"
     kill_group(first)  # SIGKILL: the kernel drops its lock
+    rerun_to_completion(out, ray_session)
+    assert_same_as_uninterrupted(out, reference)
+
+
+# --- SIGTERM and SIGINT stop a build cleanly; the folder resumes exactly ---
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT-to-group"]
+)
+def test_a_signal_stops_the_build_cleanly_and_a_rerun_equals_uninterrupted(
+    signum, code, embedded_build, ray_session, tmp_path
+):
+    """SIGTERM to the build (a scheduler, `kill`); SIGINT to its process group (Ctrl-C in a terminal)."""
+    reference, _ = embedded_build
+    out = tmp_path / "stopped"
+    proc = start_build(out, ray_session, pause_at="fetch")  # a shard task is mid-shard: an image has arrived
+    wait_for(lambda: (out / "_paused_at_fetch").exists() or proc.poll() is not None)
+    assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+    started = time.time()
+    if signum == signal.SIGINT:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        output = proc.communicate(timeout=15)[0].decode()
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        pytest.fail(f"the build ran on for 15 s after {signum.name}")
+    elapsed = time.time() - started
+    assert proc.returncode == code, output[-3000:]
+    assert elapsed < 10, f"{signum.name} took {elapsed:.1f} s to stop the build"
+    stopped = [line for line in output.splitlines() if line.startswith("stopped by")]
+    assert stopped == [f"stopped by {signum.name}; re-run the same command to resume the build"], output[-3000:]
+    assert "Traceback" not in output and "received at time" not in output, output[-3000:]
+    assert not (out / "manifest.json").exists()
+    rerun_to_completion(out, ray_session)
+    assert_same_as_uninterrupted(out, reference)
+
+
+# --- a full output device: said once, and the folder resumes once there is room ---
+
+
+@pytest.fixture
+def small_device(tmp_path):
+    """A real tmpfs of 9 MiB (the embedded sample's images take about 6.5 MiB of it); root only."""
+    mount = tmp_path / "small_device"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_device_is_said_once_and_a_rerun_with_room_equals_uninterrupted(
+    small_device, embedded_build, ray_session
+):
+    reference, _ = embedded_build
+    out = small_device / "pmd_out"
+    full = subprocess.run(
+        [*PMD, "build", "--out", str(out), "--ray-address", ray_session, "--no-tokenize"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = full.stdout + full.stderr
+    message = " ".join(full.stderr.split())
+    assert full.returncode == 2, output[-3000:]
+    assert message.count("error: the output device is full") == 1, output[-3000:]
+    assert "written there" in message and "re-run the same command" in message, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert not (out / "manifest.json").exists()
+    subprocess.run(["mount", "-o", "remount,size=256m", str(small_device)], check=True)
     rerun_to_completion(out, ray_session)
     assert_same_as_uninterrupted(out, reference)

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pmd_pipeline.config import BuildConfig, SourceConfig
-from pmd_pipeline.errors import PmdError
+from pmd_pipeline.errors import PmdError, is_disk_full
 from pmd_pipeline.fetch.mirror import rewrite_url
 from pmd_pipeline.fetch.web import WebPolicy, stream_url
 from pmd_pipeline.storage import as_path, url_of
@@ -39,5 +39,7 @@ def _download(url: str, folder: Path, cfg: BuildConfig) -> Path:
         ):
             shutil.copyfileobj(r, f)
     except OSError as err:
+        if is_disk_full(err):
+            raise  # the build stops once for a full device, not as one source's failure
         raise PmdError(f"could not download metadata {url}: {err}") from None
     return target

@@ -15,7 +15,7 @@ import numpy as np
 import ray
 
 from pmd_pipeline.config import TokenizeConfig
-from pmd_pipeline.errors import PmdError, StopBuild
+from pmd_pipeline.errors import DiskFull, PmdError, StopBuild, is_disk_full
 from pmd_pipeline.tokens.codebook import codebook_identity
 from pmd_pipeline.tokens.encoder import BadImage, check_precision, encoder_pixels, tokens_identity
 from pmd_pipeline.tokens.shard import needs_tokens
@@ -84,12 +84,16 @@ def tokenize_shards(
     all_shards = all_shards or todo
     calibration = calibration_pixels(all_shards) if tcfg.precision == "int8" else None
     actors = _start_actors(tcfg, min(len(todo), _actor_count(tcfg)), calibration)
-    try:  # `auto` resolves on the actors' device, so only now is the precision known
+    try:  # every way out (done, a refusal, a full device, a signal) kills the actors: none goes on writing
+        # `auto` resolves on the actors' device, so only now is the precision known
         refuse_mixed_precision(all_shards, ray.get(actors[0].precision.remote()), force)
-    except PmdError:
+        return _run_pool(actors, todo, force, on_progress)
+    finally:
         for actor in actors:
             ray.kill(actor)
-        raise
+
+
+def _run_pool(actors: list, todo: list[ShardPaths], force: bool, on_progress: Callable | None) -> list[str]:
     failed: list[str] = []
     queue = list(reversed(todo))
     in_flight: dict = {}
@@ -107,12 +111,12 @@ def tokenize_shards(
         except StopBuild:  # a link in OUT: every shard would meet it
             raise
         except ray.exceptions.RayError as err:
+            if is_disk_full(err):  # stop once, not one failure per shard
+                raise DiskFull(f"no space left on the output device: {str(err).splitlines()[0]}") from None
             log.error("tokenizing failed: %s", err)
             failed.append(str(err).splitlines()[0])
         if on_progress:
             on_progress(done, len(todo))
-    for actor in actors:
-        ray.kill(actor)
     return failed
 
 
