@@ -213,19 +213,22 @@ def test_a_second_run_of_one_out_is_refused_and_a_killed_run_leaves_no_stale_loc
     reference, _ = embedded_build
     out = tmp_path / "pmd_out"
     first = start_build(out, ray_session, pause_at="fetch")
-    wait_for(lambda: (out / "_paused_at_fetch").exists() or first.poll() is not None)
-    assert first.poll() is None, first.stdout.read().decode()[-2000:]
-    second_build = ["build", "--out", str(out), "--ray-address", ray_session, "--no-tokenize"]
-    for command in (second_build, ["tokenize", str(out)]):
-        started = time.time()
-        second = subprocess.run([*PMD, *command], capture_output=True, text=True, timeout=120)
-        elapsed = time.time() - started
-        message = " ".join(second.stderr.split())
-        assert second.returncode == 2, second.stdout + second.stderr
-        assert f"error: {out} is in use by another pmd run (pid {first.pid})" in message, second.stderr
-        assert "Traceback" not in second.stderr
-        assert elapsed < 30, f"refused after {elapsed:.1f} s"
-    kill_group(first)  # SIGKILL: the kernel drops its lock
+    try:
+        wait_for(lambda: (out / "_paused_at_fetch").exists() or first.poll() is not None)
+        assert first.poll() is None, first.stdout.read().decode()[-2000:]
+        second_build = ["build", "--out", str(out), "--ray-address", ray_session, "--no-tokenize"]
+        for command in (second_build, ["tokenize", str(out)]):
+            started = time.time()
+            second = subprocess.run([*PMD, *command], capture_output=True, text=True, timeout=120)
+            elapsed = time.time() - started
+            message = " ".join(second.stderr.split())
+            assert second.returncode == 2, second.stdout + second.stderr
+            assert f"error: {out} is in use by another pmd run (pid {first.pid})" in message, second.stderr
+            assert "Traceback" not in second.stderr
+            assert elapsed < 30, f"refused after {elapsed:.1f} s"
+    finally:
+        if first.poll() is None:  # SIGKILL: the kernel drops its lock (and a failed check leaves no paused build)
+            kill_group(first)
     rerun_to_completion(out, ray_session)
     assert_same_as_uninterrupted(out, reference)
 
@@ -244,7 +247,11 @@ def test_a_signal_stops_the_build_cleanly_and_a_rerun_equals_uninterrupted(
     reference, _ = embedded_build
     out = tmp_path / "stopped"
     proc = start_build(out, ray_session, pause_at="fetch")  # a shard task is mid-shard: an image has arrived
-    wait_for(lambda: (out / "_paused_at_fetch").exists() or proc.poll() is not None)
+    try:
+        wait_for(lambda: (out / "_paused_at_fetch").exists() or proc.poll() is not None)
+    except TimeoutError:
+        kill_group(proc)  # never paused: no build is left running behind the test
+        raise
     assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
     started = time.time()
     if signum == signal.SIGINT:
