@@ -1,6 +1,7 @@
-"""`pmd build`: plan every source, then process shards as Ray tasks (bounded, retried, resumable), then the manifest.
+"""`pmd build`: plan every source, then stream shards through Ray (fetch tasks on CPUs, dVAE tokens on an actor
+pool, each tar written once; bounded, retried, resumable), then the manifest.
 
-Also `pmd tokenize OUT` (retokenize): the token stage alone over a finished build. Both run on the Ray instance
+Also `pmd tokenize OUT` (retokenize): the token pass alone over a finished build. Both run on the Ray instance
 the CLI started or joined.
 """
 
@@ -23,8 +24,18 @@ from pmd_pipeline.manifest import write_manifest
 from pmd_pipeline.output import claim_output, save_tokenize_settings, saved_config
 from pmd_pipeline.plan import plan_source
 from pmd_pipeline.process import filter_chain, process_shard
+from pmd_pipeline.progress import ProgressCounter, Reporter, Snapshot, Watch
 from pmd_pipeline.storage import as_path, local_scratch
-from pmd_pipeline.tokens.stage import shards_to_tokenize, tokenize_shards
+from pmd_pipeline.tokens.stage import (
+    CALIBRATION_IMAGES,
+    ShardTokens,
+    TokenPool,
+    calibration_pixels,
+    first_pixels,
+    refuse_mixed_precision,
+    shards_to_tokenize,
+    tokenize_shards,
+)
 from shards.files import owned_path
 from shards.layout import WORK_FOLDER, ShardPaths, finished_shards
 from sources import get_source
@@ -41,14 +52,17 @@ class BuildResult:
     shards_failed: list[str] = dataclasses.field(default_factory=list)
     sources_failed: dict[str, str] = dataclasses.field(default_factory=dict)  # source -> why it could not be read
     manifest: dict | None = None
+    progress: Snapshot | None = None  # this run's counts and stage times, at the end
 
     @property
     def failed(self) -> bool:
         return bool(self.shards_failed or self.sources_failed)
 
 
-def build(cfg: BuildConfig, on_progress: Callable[[int, int], None] | None = None) -> BuildResult:
-    """Run the whole build on the Ray instance this process is connected to (the CLI starts or joins one)."""
+def build(cfg: BuildConfig, on_progress: Callable[[Snapshot], None] | None = None) -> BuildResult:
+    """Run the whole build on the Ray instance this process is connected to (the CLI starts or joins one).
+
+    `on_progress(snapshot)` is called about twice a second with this run's counts (pmd_pipeline.progress)."""
     if not ray.is_initialized():
         raise PmdError("build() needs a running Ray: connect first (the `pmd build` command starts or joins one)")
     if not cfg.enabled_sources():
@@ -56,25 +70,66 @@ def build(cfg: BuildConfig, on_progress: Callable[[int, int], None] | None = Non
     claim_output(cfg)
     if cfg.tokenize.enabled:  # refuse a codebook other than the one already in OUT before any work
         shards_to_tokenize(finished_shards(as_path(cfg.out)), cfg.tokenize)
+    counter = ProgressCounter.remote()
+    watch = Watch(counter, on_progress)
     result = BuildResult()
-    plans = _plan_sources(cfg, result)
+    try:
+        _build(cfg, result, counter, watch)
+        result.progress = watch.snapshot()
+    finally:
+        ray.kill(counter)
+    return result
+
+
+def _build(cfg: BuildConfig, result: BuildResult, counter, watch: Watch) -> None:
+    plans = _plan_sources(cfg, result, counter, watch)
     shards = [ShardPaths(as_path(cfg.out), p["source"], i) for p in plans for i in range(p["shards"])]
     result.shards_total = len(shards)
     todo = [s for s in shards if not s.is_done()]
     result.shards_skipped = len(shards) - len(todo)
-    _run_shards(cfg, todo, result, on_progress)
+    rows = {p["source"]: p["rows"] for p in plans}
+    planned = sum(min(cfg.shard_size, rows[s.source] - s.index * cfg.shard_size) for s in todo)
+    counter.set_totals.remote(shards=len(todo), images=planned, tokens=int(cfg.tokenize.enabled))
+    if not cfg.tokenize.enabled:
+        _run_shards(cfg, todo, result, None, counter, watch)
+    else:
+        _build_with_tokens(cfg, shards, todo, result, counter, watch)
     if result.failed:
-        return result  # no manifest for an incomplete build; re-running finishes it
-    if cfg.tokenize.enabled:  # only shards without tokens of this codebook
-        todo = shards_to_tokenize(shards, cfg.tokenize)
-        result.shards_failed += tokenize_shards(cfg.tokenize, todo, all_shards=shards)
-    if result.failed:
-        return result
+        return  # no manifest for an incomplete build; re-running finishes it
     crash_point("manifest", cfg.out)
     result.manifest = write_manifest(cfg)
     out = as_path(cfg.out)
     shutil.rmtree(owned_path(out, local_scratch(out, WORK_FOLDER)), ignore_errors=True)
-    return result
+
+
+def _build_with_tokens(cfg: BuildConfig, shards, todo, result: BuildResult, counter, watch: Watch) -> None:
+    """Shards stream through the token actors; those finished without tokens get the token pass after."""
+    calibration = None
+    if cfg.tokenize.precision == "int8":
+        calibration = _int8_calibration(cfg, shards, result, counter, watch)
+        if calibration is None:
+            return  # a calibration shard failed: the build is incomplete, a re-run goes on
+        todo = [s for s in todo if not s.is_done()]
+    pool = TokenPool(cfg.tokenize, calibration, counter, streaming=bool(todo))
+    try:
+        refuse_mixed_precision(shards, pool.precision, force=False)
+        _run_shards(cfg, todo, result, pool, counter, watch)
+        if not result.failed:  # e.g. an earlier --no-tokenize run's shards, int8's calibration shards
+            result.shards_failed += tokenize_shards(pool, shards_to_tokenize(shards, cfg.tokenize), on_wait=watch)
+    finally:
+        pool.close()
+
+
+def _int8_calibration(cfg: BuildConfig, shards, result: BuildResult, counter, watch: Watch):
+    """int8 calibrates on the build's first images in shard order (so a resumed run calibrates identically):
+    the first shards are finished without tokens until they hold enough images (the token pass adds theirs).
+    None when one of them failed."""
+    pending = [s for s in shards if not s.is_done()]
+    while pending and len(first_pixels([s for s in shards if s.is_done()])) < CALIBRATION_IMAGES:
+        _run_shards(cfg, [pending.pop(0)], result, None, counter, watch)
+        if result.failed:
+            return None
+    return calibration_pixels([s for s in shards if s.is_done()])
 
 
 def retokenize(
@@ -90,19 +145,40 @@ def retokenize(
     if not shards:
         raise PmdError(f"{out} has no finished shards to tokenize; run `pmd build` first")
     todo = shards_to_tokenize(shards, cfg.tokenize, force)
-    failed = tokenize_shards(cfg.tokenize, todo, force, on_progress, all_shards=shards)
+    failed = _token_pass(cfg, shards, todo, force, on_progress)
     if failed:
         return {"shards": len(shards), "tokenized": len(todo) - len(failed), "failed": failed, "manifest": None}
     save_tokenize_settings(cfg)
     return {"shards": len(shards), "tokenized": len(todo), "failed": [], "manifest": write_manifest(cfg)}
 
 
-def _plan_sources(cfg: BuildConfig, result: BuildResult) -> list[dict]:
+def _token_pass(cfg: BuildConfig, shards, todo, force: bool, on_progress) -> list[str]:
+    if not todo:
+        return []
+    calibration = calibration_pixels(shards) if cfg.tokenize.precision == "int8" else None
+    counter = ProgressCounter.remote()
+    counter.set_totals.remote(shards=len(todo), tokens=1)
+    try:
+        pool = TokenPool(cfg.tokenize, calibration, counter)
+        try:
+            refuse_mixed_precision(shards, pool.precision, force)
+            return tokenize_shards(pool, todo, force, on_wait=Watch(counter, on_progress))
+        finally:
+            pool.close()
+    finally:
+        ray.kill(counter)
+
+
+def _plan_sources(cfg: BuildConfig, result: BuildResult, counter, watch: Watch) -> list[dict]:
     """Plan every source; one whose input cannot be read fails alone, with its message, and the rest go on."""
     sources = cfg.enabled_sources()
-    refs = [_plan_task.remote(cfg, s) for s in sources]
+    counter.set_totals.remote(sources=len(sources))
+    counter.add.remote("plan", {})  # the stage's clock starts now
+    refs = [_plan_task.remote(cfg, s, counter) for s in sources]
     plans = []
     try:
+        while ray.wait(refs, num_returns=len(refs), timeout=1.0)[1]:
+            watch()
         for source_cfg, ref in zip(sources, refs, strict=True):
             try:
                 plans.append(ray.get(ref))
@@ -118,20 +194,25 @@ def _plan_sources(cfg: BuildConfig, result: BuildResult) -> list[dict]:
 
 
 @ray.remote(num_cpus=1)
-def _plan_task(cfg: BuildConfig, source_cfg) -> dict:
+def _plan_task(cfg: BuildConfig, source_cfg, counter) -> dict:
+    progress = Reporter(counter, "plan")
     try:
-        return plan_source(cfg, source_cfg)
+        plan = plan_source(cfg, source_cfg, on_rows=lambda n: progress.add(images=n))
+        progress.add(shards=1)  # a source planned
+        return plan
     except Exception as err:
         if is_disk_full(err) and not isinstance(err, DiskFull):
             raise DiskFull(f"no space left on the output device: {err}") from None
         raise
+    finally:
+        progress.flush()
 
 
 @ray.remote(num_cpus=1)
-def _shard_task(cfg: BuildConfig, paths: ShardPaths) -> dict | StopBuild:
+def _shard_task(cfg: BuildConfig, paths: ShardPaths, tokens: ShardTokens | None, counter) -> dict | StopBuild:
     """One shard; a StopBuild (full device, link in OUT) is returned, not raised: Ray would retry it in vain."""
     try:
-        return process_shard(cfg, paths, node=ray.get_runtime_context().get_node_id())
+        return process_shard(cfg, paths, ray.get_runtime_context().get_node_id(), tokens, counter)
     except StopBuild as err:
         return err
     except Exception as err:
@@ -149,23 +230,30 @@ def cancel(refs) -> None:
             pass
 
 
-def _run_shards(cfg: BuildConfig, todo: list[ShardPaths], result: BuildResult, on_progress) -> None:
-    """Keep at most `max_in_flight` shard tasks running; Ray retries each failed task `shard_retries` times."""
+def _run_shards(cfg: BuildConfig, todo: list[ShardPaths], result: BuildResult, pool, counter, watch: Watch) -> None:
+    """Keep at most `max_in_flight` shard tasks running (the bound on memory: each holds at most one shard's
+    images); Ray retries each failed task `shard_retries` times. With a TokenPool, each shard's images go to
+    its least-loaded actor as soon as they are fetched."""
     limit = cfg.run.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     # SPREAD: a crawl is network-bound, so shards go to every node rather than filling the first one.
     task = _shard_task.options(max_retries=cfg.run.shard_retries, retry_exceptions=True, scheduling_strategy="SPREAD")
     queue = list(reversed(todo))
     in_flight: dict = {}
+    counter.add.remote("fetch", {})  # the stage's clock starts now
     try:
         while queue or in_flight:
             while queue and len(in_flight) < limit:
                 paths = queue.pop()
-                in_flight[task.remote(cfg, paths)] = paths
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            paths = in_flight.pop(ready[0])
+                actor, tokens = pool.target() if pool else (None, None)
+                in_flight[task.remote(cfg, paths, tokens, counter)] = (paths, actor)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            watch()
+            if not ready:
+                continue
+            paths, actor = in_flight.pop(ready[0])
+            if pool:
+                pool.done(actor)
             _collect(ready[0], paths, result)
-            if on_progress:
-                on_progress(result.shards_done + len(result.shards_failed), len(todo))
     except BaseException:  # stopped (a signal, a full device, a link in OUT): no shard task goes on writing
         cancel(in_flight)
         raise

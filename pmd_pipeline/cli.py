@@ -18,7 +18,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from pmd_pipeline.config import BuildConfig
 from pmd_pipeline.config_file import load_config
@@ -124,9 +123,10 @@ def _run_build(cfg: BuildConfig):
     validate(cfg)
     claim_output(cfg)  # before the progress bar, so a refusal is one clean line
     start_ray(cfg)
-    with Progress("[bold]shards", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task("build", total=None)
-        return run_build(cfg, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    from pmd_pipeline.progress import BuildDisplay
+
+    with BuildDisplay(console, cfg.run.progress_every_s) as display:
+        return run_build(cfg, on_progress=display.show)
 
 
 def resolve_out(out: str) -> str:
@@ -156,6 +156,7 @@ def start_ray(cfg: BuildConfig) -> None:
     if cfg.run.ray_address:
         ray.init(address=cfg.run.ray_address, logging_level=logging.WARNING, runtime_env=runtime_env)
     else:  # "local": a new instance of our own, even when `ray start` left a cluster on this machine
+        keep_token_auth()
         ray.init(
             address="local",
             num_cpus=cfg.run.num_cpus,
@@ -168,7 +169,30 @@ def start_ray(cfg: BuildConfig) -> None:
         _install_stop_handlers()
 
 
+RAY_TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+def keep_token_auth() -> None:
+    """A local Ray keeps Ray's token authentication (its default since 2.52: its ports listen on the machine's
+    address, and without a token anyone who reaches them runs code as this user); only the notice Ray logs
+    about it on every start is dropped. Nothing else changes: the token is Ray's own (~/.ray/auth_token,
+    created by Ray if missing), a RAY_AUTH_MODE the user set is obeyed, and joining a cluster is untouched."""
+    notices = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenNotice) for f in notices.filters):
+        notices.addFilter(_DropTokenNotice())
+
+
+class _DropTokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return RAY_TOKEN_NOTICE not in record.getMessage()
+
+
 def _report_build(cfg: BuildConfig, result) -> None:
+    from pmd_pipeline.progress import summary_lines
+
+    if result.progress:
+        for line in summary_lines(result.progress):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(
         f"[bold]{escape(str(cfg.out))}[/]: {result.shards_total} shards, {result.shards_done} built now, "
         f"{result.shards_skipped} already finished, {len(result.shards_failed)} failed"
@@ -182,6 +206,18 @@ def _report_build(cfg: BuildConfig, result) -> None:
         console.print(
             f"{totals['samples_written']} samples, {totals['pairs_written']} pairs from {totals['rows_in']} rows "
             f"({totals['rejected_raw_records']} malformed raw records kept aside). `pmd stats {cfg.out}` for more."
+        )
+        _say_tokens(result.manifest, cfg.out)
+
+
+def _say_tokens(manifest: dict, out) -> None:
+    """Random-codebook tokens are placeholders: say so at the end of every run that made or kept them."""
+    if (manifest.get("tokens") or {}).get("random"):
+        console.print(
+            "[yellow]note:[/] the dVAE tokens come from a random seeded codebook: placeholders that test the "
+            "pipeline, not DALL-E tokens. Add real ones with "
+            f"`pmd tokenize {escape(str(out))} --codebook PATH --force`.",
+            highlight=False,
         )
 
 
@@ -276,16 +312,17 @@ def _tokenize(out_url: str, codebook: str | None, force: bool, precision: str | 
 
 def _run_tokenize(out: Path, codebook: str | None, force: bool, precision: str | None) -> bool:
     from pmd_pipeline.build import retokenize
+    from pmd_pipeline.output import saved_config
+    from pmd_pipeline.progress import BuildDisplay
 
-    with Progress("[bold]tokenize", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task("tokenize", total=None)
-        progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
-        result = retokenize(out, codebook, force, progress, precision)
+    with BuildDisplay(console, saved_config(out).run.progress_every_s) as display:
+        result = retokenize(out, codebook, force, display.show, precision)
     for failure in result["failed"]:
         console.print(f"[red]failed:[/] {escape(failure)} (re-run the same command to retry)", highlight=False)
     console.print(f"[bold]{escape(str(out))}[/]: {result['shards']} shards, {result['tokenized']} tokenized now")
     if result["manifest"]:
         console.print(f"codebook: {result['manifest']['tokens']['note']}", markup=False, highlight=False)
+        _say_tokens(result["manifest"], out)
     return not result["failed"]
 
 

@@ -81,6 +81,8 @@ class RunConfig:
     num_cpus: AtLeastOne | None = None  # local Ray only; None = all cores
     max_in_flight: AtLeastZero = 0  # shard tasks in flight; 0 = twice the cluster's CPUs
     shard_retries: AtLeastZero = 3
+    # stderr not a terminal (CI, a cluster job's log): one plain progress line this often; 0 = none
+    progress_every_s: AtLeastZero = 30
 
 
 

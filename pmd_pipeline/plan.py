@@ -26,8 +26,10 @@ from sources import get_source
 from sources.base import CANDIDATE_SCHEMA, RejectLog
 
 
-def plan_source(cfg: BuildConfig, source_cfg: SourceConfig) -> dict:
-    """Write OUT/_plan/<source>/<NNNNN>.parquet and the marker; an already planned source is not re-read."""
+def plan_source(cfg: BuildConfig, source_cfg: SourceConfig, on_rows=None) -> dict:
+    """Write OUT/_plan/<source>/<NNNNN>.parquet and the marker; an already planned source is not re-read.
+
+    `on_rows(n)` is told of every batch of rows read (live progress)."""
     out = as_path(cfg.out)
     folder = plan_folder(out, source_cfg.name)
     marker = folder / PLAN_MARKER
@@ -38,6 +40,8 @@ def plan_source(cfg: BuildConfig, source_cfg: SourceConfig) -> dict:
     source_cfg = localize_metadata(cfg, source_cfg)
     rejects = RejectLog()
     batches = _limited(source.read(source_cfg, rejects), source_cfg.limit)
+    if on_rows:
+        batches = _counted(batches, on_rows)
     if source.repeats_keys:
         parts = local_scratch(folder, "_parts")  # OUT/_plan/<source>/_parts, or a local folder for a bucket
         batches = _merged_by_key(batches, parts if is_remote(out) else owned_path(out, parts))
@@ -57,6 +61,12 @@ def _all_rejected(source: str, summary: dict, rejects_file: Path) -> str:
         f"source {source}: all {summary['rejected_raw_records']} raw records were rejected as malformed "
         f"({reasons}), so nothing is left to build; see {rejects_file}"
     )
+
+
+def _counted(batches: Iterator[pl.DataFrame], on_rows) -> Iterator[pl.DataFrame]:
+    for batch in batches:
+        on_rows(batch.height)
+        yield batch
 
 
 def _limited(batches: Iterator[pl.DataFrame], limit: int | None) -> Iterator[pl.DataFrame]:

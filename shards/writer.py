@@ -15,7 +15,7 @@ import polars as pl
 
 from pmd_pipeline.faults import crash_point
 from shards.files import atomic_path
-from shards.layout import IMAGE_EXT, JSON_EXT, TEXT_EXT, ShardPaths, check_safe_name
+from shards.layout import IMAGE_EXT, JSON_EXT, TEXT_EXT, TOKENS_EXT, ShardPaths, check_safe_name
 from shards.tar import write_tar
 
 WRITTEN, DROPPED, FAILED = "written", "dropped", "failed"
@@ -34,14 +34,17 @@ class Fetched:
     original_height: int | None = None
 
 
-def write_shard(paths: ShardPaths, rows: pl.DataFrame, fetched: dict[str, Fetched]) -> dict:
+def write_shard(
+    paths: ShardPaths, rows: pl.DataFrame, fetched: dict[str, Fetched], tokens: dict[str, bytes] | None = None
+) -> dict:
     """Write tar then parquet (each atomically) and return the shard's stats (the caller writes them last).
 
     `rows` are the shard's filtered plan rows: `reason` null means the row was meant to become a sample;
-    `fetched` holds the image outcome of every such row that has an image.
+    `fetched` holds the image outcome of every such row that has an image; `tokens` the KEY.dvae.npy bytes
+    of the images that have them (a streaming build writes each tar once, tokens included).
     """
     outcomes = [_outcome(row, fetched) for row in rows.iter_rows(named=True)]
-    tar_bytes, tar_sha256 = _write_tar(paths, rows, outcomes)
+    tar_bytes, tar_sha256 = _write_tar(paths, rows, outcomes, tokens or {})
     table = _status_table(rows, outcomes)
     _write_parquet_atomic(table, paths.parquet, paths.out)
     return shard_stats(paths, table, tar_bytes, tar_sha256)
@@ -59,17 +62,17 @@ def _outcome(row: dict, fetched: dict[str, Fetched]) -> tuple[str, str | None, F
     return WRITTEN, None, result
 
 
-def _write_tar(paths: ShardPaths, rows: pl.DataFrame, outcomes) -> tuple[int, str]:
+def _write_tar(paths: ShardPaths, rows: pl.DataFrame, outcomes, tokens: dict[str, bytes]) -> tuple[int, str]:
     """Samples in plan order, so the same inputs give the same bytes."""
     samples = (
-        _sample(row, result)
+        _sample(row, result, tokens.get(row["key"]))
         for row, (status, _, result) in zip(rows.iter_rows(named=True), outcomes, strict=True)
         if status == WRITTEN
     )
     return write_tar(paths.tar, samples, before_rename=lambda: crash_point("write_tar", paths.out), within=paths.out)
 
 
-def _sample(row: dict, result: Fetched | None) -> dict:
+def _sample(row: dict, result: Fetched | None, tokens: bytes | None) -> dict:
     key = check_safe_name(row["key"], "sample key")
     sample = {"__key__": key}
     captions = row["kept_captions"] or []
@@ -78,6 +81,8 @@ def _sample(row: dict, result: Fetched | None) -> dict:
         sample[JSON_EXT] = json.dumps(_sample_json(row, Fetched()), ensure_ascii=False).encode("utf-8")
         return sample
     sample[IMAGE_EXT] = result.jpg
+    if tokens is not None:
+        sample[TOKENS_EXT] = tokens
     if captions:
         sample[TEXT_EXT] = captions[0].encode("utf-8")
     sample[JSON_EXT] = json.dumps(_sample_json(row, result), ensure_ascii=False).encode("utf-8")

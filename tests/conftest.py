@@ -15,7 +15,11 @@ REALDATA = Path(os.environ.get("PMD_REALDATA", Path(__file__).resolve().parents[
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    from pmd_pipeline.cli import keep_token_auth
+
+    keep_token_auth()  # as `pmd build` does: token auth on, without Ray's warning
+    # "local": our own instance, never a cluster someone left running on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -217,3 +217,44 @@ def test_a_build_holds_one_precision_of_tokens_unless_forced(tmp_path, small):
     with pytest.raises(PmdError, match="holds fp32 tokens and this run makes bf16 ones"):
         refuse_mixed_precision([first, second], "bf16", force=False)
     refuse_mixed_precision([first, second], "bf16", force=True)
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("int8", marks=pytest.mark.slow)])
+def test_the_streaming_build_writes_each_tar_once_and_equals_the_two_pass_build(
+    ray_session, tmp_path, small, precision
+):
+    """`pmd build` streams shards through the token actors; `--no-tokenize` + `pmd tokenize` is the two-pass way.
+    Same tars byte for byte, same sidecars; streamed tars are written once (their stats hold the final hash),
+    except int8's calibration shards, which are finished first and tokenized after (int8 calibrates on them)."""
+    from pmd_pipeline.build import retokenize
+    from pmd_pipeline.config import TokenizeConfig
+    from tests.helpers import build_embedded
+
+    folder, _, _ = small
+    streamed, two_pass = tmp_path / "streamed", tmp_path / "two_pass"
+    assert not build_embedded(
+        streamed, shard_size=40, tokenize=TokenizeConfig(codebook=str(folder), precision=precision)
+    ).failed
+    assert not build_embedded(two_pass, shard_size=40).failed
+    assert not retokenize(two_pass, codebook=str(folder), precision=precision)["failed"]
+
+    tars = sorted(p.relative_to(streamed) for p in streamed.glob("*/0*.tar"))
+    assert tars == sorted(p.relative_to(two_pass) for p in two_pass.glob("*/0*.tar")) and len(tars) > 10
+    for tar in tars:
+        assert (streamed / tar).read_bytes() == (two_pass / tar).read_bytes(), tar
+    rewritten = []
+    for sidecar_path in sorted(streamed.glob("*/*_dvae.json")):
+        sidecar = json.loads(sidecar_path.read_text())
+        other = json.loads((two_pass / sidecar_path.relative_to(streamed)).read_text())
+        assert {k: v for k, v in sidecar.items() if k != "seconds"} == {
+            k: v for k, v in other.items() if k != "seconds"
+        }
+        stats = json.loads(sidecar_path.with_name(sidecar_path.name.replace("_dvae.json", "_stats.json")).read_text())
+        if stats["tar_sha256"] != sidecar["tar_sha256"]:
+            rewritten.append(sidecar_path.name)
+    if precision == "fp32":
+        assert rewritten == []  # every tar written once, with its tokens
+    else:  # the first shards, until they hold the calibration's 32 images: finished first, then tokenized
+        assert 0 < len(rewritten) < len(tars) // 2
+    got, want = (json.loads((d / "manifest.json").read_text()) for d in (streamed, two_pass))
+    assert got["tokens"] == want["tokens"] and got["totals"] == want["totals"]

@@ -210,20 +210,23 @@ def make_resizer(image: ImageConfig) -> GuardedResizer:
     )
 
 
-def fetch_urls(rows: pl.DataFrame, cfg: BuildConfig, work_dir: Path) -> dict[str, Fetched]:
-    """Download `rows` (columns key, image_url) with img2dataset; every key gets a Fetched."""
+def fetch_urls(rows: pl.DataFrame, cfg: BuildConfig, work_dir: Path, on_image=None) -> dict[str, Fetched]:
+    """Download `rows` (columns key, image_url) with img2dataset; every key gets a Fetched, also handed to
+    `on_image` as soon as it is known (live progress)."""
     results: dict[str, Fetched] = {}
+    on_image = on_image or (lambda fetched: None)
     allowed = rows.filter(
         pl.col("image_url").str.starts_with("http://") | pl.col("image_url").str.starts_with("https://")
     )
     for key in rows.filter(~pl.col("key").is_in(allowed["key"].implode()))["key"]:
         results[key] = Fetched(reason="url_scheme_not_allowed", error="only http and https URLs are fetched")
+        on_image(results[key])
     if allowed.height:
-        _download(allowed, cfg, work_dir, results)
+        _download(allowed, cfg, work_dir, results, on_image)
     return results
 
 
-def _download(rows: pl.DataFrame, cfg: BuildConfig, work_dir: Path, results: dict) -> None:
+def _download(rows: pl.DataFrame, cfg: BuildConfig, work_dir: Path, results: dict, on_image) -> None:
     work_dir.mkdir(parents=True, exist_ok=True)
     # img2dataset deletes its input file when done and writes its own stats there: give it scratch space.
     input_file = work_dir / "input.feather"
@@ -232,7 +235,7 @@ def _download(rows: pl.DataFrame, cfg: BuildConfig, work_dir: Path, results: dic
     with pa.OSFile(str(input_file), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     downloader = Downloader(
-        sample_writer_class=_collecting_writer(results, cfg.out),
+        sample_writer_class=_collecting_writer(results, cfg.out, on_image),
         resizer=make_resizer(cfg.image),
         thread_count=cfg.fetch.thread_count,
         save_caption=False,
@@ -254,7 +257,7 @@ def _download(rows: pl.DataFrame, cfg: BuildConfig, work_dir: Path, results: dic
         downloader.download_shard((0, str(input_file)))
 
 
-def _collecting_writer(results: dict[str, Fetched], out: str):
+def _collecting_writer(results: dict[str, Fetched], out: str, on_image):
     """An img2dataset sample-writer class that hands each outcome to `results` instead of writing files.
 
     Our shard writer then writes the samples in plan order, so shards are reproducible byte for byte.
@@ -276,6 +279,7 @@ def _collecting_writer(results: dict[str, Fetched], out: str):
                 original_width=meta.get("original_width"),
                 original_height=meta.get("original_height"),
             )
+            on_image(results[meta["pmd_key"]])
 
         def close(self):
             pass
@@ -283,14 +287,17 @@ def _collecting_writer(results: dict[str, Fetched], out: str):
     return CollectingWriter
 
 
-def read_local(rows: pl.DataFrame, cfg: BuildConfig) -> dict[str, Fetched]:
+def read_local(rows: pl.DataFrame, cfg: BuildConfig, on_image=None) -> dict[str, Fetched]:
     """Read `rows` (columns key, image_path, crop_box) from local files/archives and resize them."""
     resizer = make_resizer(cfg.image)
     reader = ArchiveReader()
+    results = {}
     try:
-        return {
-            r["key"]: _read_one(reader, resizer, r["image_path"], r["crop_box"]) for r in rows.iter_rows(named=True)
-        }
+        for r in rows.iter_rows(named=True):
+            results[r["key"]] = _read_one(reader, resizer, r["image_path"], r["crop_box"])
+            if on_image:
+                on_image(results[r["key"]])
+        return results
     finally:
         reader.close()
 

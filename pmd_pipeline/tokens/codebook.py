@@ -99,6 +99,9 @@ def _weight_files(folder: Path) -> list[Path]:
 def _load_hf_folder(folder: Path) -> FlavaImageCodebook:
     _weight_files(folder)
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per actor is noise in the build's display
         model = FlavaImageCodebook.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise PmdError(f"cannot load the FlavaImageCodebook in {folder}: {err}") from None

@@ -40,6 +40,12 @@ class BadImage(ValueError):
 
 def encoder_pixels(jpg: bytes) -> np.ndarray:
     """float32 [3, 112, 112] in [0.1, 0.9] from a stored (square) JPEG, like DALL-E's preprocessing."""
+    return encoder_input(encoder_rgb(jpg))
+
+
+def encoder_rgb(jpg: bytes) -> np.ndarray:
+    """uint8 [112, 112, 3]: the decoded, resized image, a quarter of the float input's bytes. The streaming
+    build does this on the fetching CPUs and sends these to the token actors (a GPU's host CPU decodes nothing)."""
     try:
         image = Image.open(io.BytesIO(jpg))
         image = image.convert("RGB")
@@ -47,8 +53,12 @@ def encoder_pixels(jpg: bytes) -> np.ndarray:
         raise BadImage("dvae_decode_error", str(err)) from None
     if image.width != image.height:
         raise BadImage("dvae_image_not_square", f"stored image is {image.width}x{image.height}")
-    small = image.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.LANCZOS)
-    x = np.asarray(small, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return np.asarray(image.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.LANCZOS))
+
+
+def encoder_input(rgb: np.ndarray) -> np.ndarray:
+    """DALL-E's map_pixels of uint8 [..., 112, 112, 3]: float32 [..., 3, 112, 112] in [0.1, 0.9]."""
+    x = np.moveaxis(rgb.astype(np.float32), -1, -3) / 255.0
     return (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS
 
 
