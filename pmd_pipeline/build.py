@@ -110,6 +110,8 @@ def _build_with_tokens(cfg: BuildConfig, shards, todo, result: BuildResult, coun
         if calibration is None:
             return  # a calibration shard failed: the build is incomplete, a re-run goes on
         todo = [s for s in todo if not s.is_done()]
+    if not todo and not shards_to_tokenize(shards, cfg.tokenize):
+        return  # a finished build re-run: no encoder to load
     pool = TokenPool(cfg.tokenize, calibration, counter, streaming=bool(todo))
     try:
         refuse_mixed_precision(shards, pool.precision, force=False)

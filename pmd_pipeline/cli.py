@@ -55,6 +55,9 @@ def build(
         None, help="dVAE encoder: HF FlavaImageCodebook folder or DALL-E encoder.pkl (overrides [tokenize] codebook)."
     ),
     precision: str = typer.Option(None, help="dVAE precision: auto, fp32, bf16 or int8 (overrides [tokenize])."),
+    progress_every: int = typer.Option(
+        None, help="When stderr is not a terminal: a progress line every this many seconds (0 = none; [run]).", min=0
+    ),
 ) -> None:
     """Build shards: plan -> filter -> fetch -> write -> manifest. Re-running resumes; finished shards are kept."""
     with _errors_as_messages(), _stops_cleanly("build"):
@@ -73,6 +76,8 @@ def build(
             cfg.run.ray_address = ray_address
         if workers is not None:
             cfg.run.num_cpus = workers
+        if progress_every is not None:
+            cfg.run.progress_every_s = progress_every
         from pmd_pipeline.output import lock_output
 
         with (

@@ -5,10 +5,12 @@ OUT/_paused_at_<point> and sleeps; the test sees the file and kills the whole bu
 variable (every real run) a crash point is a dictionary lookup and nothing else.
 
 Points: plan (a source's first plan part is written), fetch (a shard's first image arrived),
-write_tar (a tar is complete under its temporary name), before_stats (tar and parquet are in
-place, the completion marker is not), tokenize (a tokenized tar is complete under its temporary
-name), tokenize_sidecar (the tokenized tar replaced the old one, its `_dvae.json` is not written),
-manifest (every shard is finished, the manifest is not written).
+tokens_requested (a shard's images are fetched, its tokens not asked for yet), tokens (an actor holds a
+shard's pixels), write_tar (a tar is complete under its temporary name), before_stats (tar, parquet and
+`_dvae.json` are in place, the completion marker is not), manifest (every shard is finished, the manifest
+is not written). The token pass over finished tars (`pmd tokenize OUT`): tokenize (a tokenized tar is
+complete under its temporary name), tokenize_sidecar (it replaced the old one, its `_dvae.json` is not
+written).
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ def process_shard(
     with paths.plan.open("rb") as f:
         rows = filter_rows(cfg, pl.read_parquet(f), paths.source)
     progress = Reporter(counter, "fetch")
-    fetched = fetch_images(cfg, rows, paths, lambda result: progress.add(images=result.jpg is not None, failed=result.jpg is None))
+    counted = lambda got: progress.add(images=got.jpg is not None, failed=got.jpg is None)  # noqa: E731
+    fetched = fetch_images(cfg, rows, paths, counted)
     progress.add(shards=1)
     progress.flush()
     made = tokens.request(fetched, paths.out) if tokens else None

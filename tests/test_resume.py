@@ -20,7 +20,8 @@ from tests.helpers import all_samples
 PMD = [sys.executable, "-m", "pmd_pipeline.cli"]
 
 # Named crash points (pmd_pipeline/faults.py) and what the killed run must have left behind.
-KILL_POINTS = ["plan", "fetch", "write_tar", "before_stats", "manifest"]
+# write_tar and before_stats: killed with tokens on (STREAMING_POINTS), where those moments hold more
+KILL_POINTS = ["plan", "fetch", "manifest"]
 
 
 NO_TOKENS = ["--no-tokenize"]
@@ -81,8 +82,6 @@ def test_sigkill_at_a_crash_point_then_rerun_equals_uninterrupted(point, embedde
     proc = start_build(out, ray_session, pause_at=point)
     wait_for(lambda: (out / f"_paused_at_{point}").exists() or proc.poll() is not None)
     assert proc.poll() is None, f"the build ended before reaching {point}: {proc.stdout.read().decode()[-2000:]}"
-    if point == "write_tar":  # checked while paused: once killed, Ray may stop the worker gracefully and clean up
-        assert list(out.glob("*/.*.tar.*.tmp")), "paused with a tar under its temporary name"
     kill_group(proc)
     assert not (out / "manifest.json").exists()
     rerun_to_completion(out, ray_session)
@@ -120,21 +119,56 @@ def tokenized_reference(ray_session, tmp_path_factory):
     return out, ["--codebook", str(codebook)]
 
 
+# Where a streaming build can be killed with tokens on: a shard fetched but not yet tokenized, an actor holding
+# a shard's pixels, a tar with tokens complete under its temporary name, tar and sidecar in place without stats.
+STREAMING_POINTS = ["tokens_requested", "tokens", "write_tar", "before_stats"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["tokenize", "tokenize_sidecar"])
-def test_sigkill_during_tokenize_then_rerun_equals_uninterrupted(point, tokenized_reference, ray_session, tmp_path):
+@pytest.mark.parametrize("point", STREAMING_POINTS)
+def test_sigkill_in_the_streaming_build_then_rerun_equals_uninterrupted(
+    point, tokenized_reference, ray_session, tmp_path
+):
     reference, args = tokenized_reference
     out = tmp_path / "killed"
     proc = start_build(out, ray_session, pause_at=point, args=args)
     wait_for(lambda: (out / f"_paused_at_{point}").exists() or proc.poll() is not None, timeout=300)
     assert proc.poll() is None, f"the build ended before reaching {point}: {proc.stdout.read().decode()[-2000:]}"
-    if point == "tokenize":  # a tokenized tar waits under its temporary name, the old tar is still in place
-        assert list(out.glob("*/.*.tar.*.tmp"))
+    if point == "write_tar":  # checked while paused: once killed, Ray may stop the worker gracefully and clean up
+        assert list(out.glob("*/.*.tar.*.tmp")), "paused with a tar under its temporary name"
+    if point in ("tokens_requested", "tokens"):  # fetched, not written: no tar of that shard yet
+        assert len(list(out.glob("*/*_stats.json"))) < len(list(reference.glob("*/*_stats.json")))
     kill_group(proc)
     assert not (out / "manifest.json").exists()
     rerun_to_completion(out, ray_session, args)
     assert_same_as_uninterrupted(out, reference)
     assert sorted(p.name for p in out.glob("*/*_dvae.json")) == sorted(p.name for p in reference.glob("*/*_dvae.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["tokenize", "tokenize_sidecar"])
+def test_sigkill_during_pmd_tokenize_then_rerun_equals_uninterrupted(point, tokenized_reference, ray_session, tmp_path):
+    """The token pass over a finished build (`pmd tokenize OUT`) rewrites each tar: killed mid-way, it resumes."""
+    reference, args = tokenized_reference
+    out = tmp_path / "killed"
+    rerun_to_completion(out, ray_session)  # a build without tokens
+    env = {**os.environ, PAUSE_ENV: point}
+    proc = subprocess.Popen(
+        [*PMD, "tokenize", str(out), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
+    wait_for(lambda: (out / f"_paused_at_{point}").exists() or proc.poll() is not None, timeout=300)
+    assert proc.poll() is None, f"pmd tokenize ended before reaching {point}: {proc.stdout.read().decode()[-2000:]}"
+    if point == "tokenize":  # a tokenized tar waits under its temporary name, the old tar is still in place
+        assert list(out.glob("*/.*.tar.*.tmp"))
+    kill_group(proc)
+    (out / f"_paused_at_{point}").unlink()
+    done = subprocess.run([*PMD, "tokenize", str(out), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_as_uninterrupted(out, reference)
 
 
 @pytest.mark.slow
