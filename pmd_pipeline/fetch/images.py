@@ -7,6 +7,7 @@ so URL and local sources produce identical pixels for identical inputs.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -116,17 +117,20 @@ class GuardedResizer(Resizer):
             if self.resize_only_if_bigger and not downscale:
                 return img
             interpolation = self.downscale_interpolation if downscale else self.upscale_interpolation
-            img = A.SmallestMaxSize(max_size=self.image_size, interpolation=interpolation, p=1.0)(image=img)["image"]
+            scale = _transform(A.SmallestMaxSize, max_size=self.image_size, interpolation=interpolation, p=1.0)
+            img = scale(image=img)["image"]
             if mode == ResizeMode.center_crop:
-                img = A.CenterCrop(height=self.image_size, width=self.image_size)(image=img)["image"]
+                img = _transform(A.CenterCrop, height=self.image_size, width=self.image_size)(image=img)["image"]
         elif mode in (ResizeMode.border, ResizeMode.keep_ratio_largest):
             downscale = max(width, height) > self.image_size
             if self.resize_only_if_bigger and not downscale:
                 return img
             interpolation = self.downscale_interpolation if downscale else self.upscale_interpolation
-            img = A.LongestMaxSize(max_size=self.image_size, interpolation=interpolation, p=1.0)(image=img)["image"]
+            scale = _transform(A.LongestMaxSize, max_size=self.image_size, interpolation=interpolation, p=1.0)
+            img = scale(image=img)["image"]
             if mode == ResizeMode.border:
-                pad = A.PadIfNeeded(
+                pad = _transform(
+                    A.PadIfNeeded,
                     min_height=self.image_size,
                     min_width=self.image_size,
                     border_mode=cv2.BORDER_CONSTANT,
@@ -135,6 +139,21 @@ class GuardedResizer(Resizer):
                 )
                 img = pad(image=img)["image"]
         return img
+
+
+_BUILT = threading.local()  # per thread: img2dataset's download threads share one resizer
+
+
+def _transform(cls, **params):
+    """An albumentations transform, built once per thread and settings: building one (its argument
+    validation) cost more than applying it to a region, and a Visual Genome image has about 50.
+    The transforms we use are deterministic (p=1, no random parameters), so reusing one changes no pixel.
+    """
+    built = vars(_BUILT).setdefault("transforms", {})
+    key = (cls, repr(params))  # repr: PadIfNeeded's value is a list
+    if key not in built:
+        built[key] = cls(**params)
+    return built[key]
 
 
 def _open_image(data: bytes) -> Image.Image:
