@@ -66,7 +66,7 @@ class GuardedResizer(Resizer):
     def resize_regions(self, data: bytes, crop_boxes: list) -> list[tuple]:
         """`resize_bytes` of each box (None: the whole image), from one open and at most one decode of `data`.
 
-        A Visual Genome image has about 50 regions: decoding it once per region was most of their cost.
+        A Visual Genome image has about 50 regions: decoding it once per region was over half their cost.
         """
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -145,8 +145,9 @@ _BUILT = threading.local()  # per thread: img2dataset's download threads share o
 
 
 def _transform(cls, **params):
-    """An albumentations transform, built once per thread and settings: building one (its argument
-    validation) cost more than applying it to a region, and a Visual Genome image has about 50.
+    """An albumentations transform, built once per thread and settings: building SmallestMaxSize and
+    CenterCrop (their argument validation) took 0.55 ms CPU per region, a fifth of a Visual Genome
+    region's work once its image's decode is shared.
     The transforms we use are deterministic (p=1, no random parameters), so reusing one changes no pixel.
     """
     built = vars(_BUILT).setdefault("transforms", {})
@@ -358,7 +359,7 @@ def read_local(
 
     The rows of one image (a Visual Genome image has about 50 regions) are cut from one read and one decode
     of it, an image at a time, so a shard holds at most one decoded image. `on_image` gets each row's
-    outcome once, as soon as it is known.
+    outcome once, as soon as its image is done (live progress).
     """
     resizer = make_resizer(cfg.image)
     reader = ArchiveReader()
