@@ -17,6 +17,7 @@ BENCHES = {
     "train": "benchmarks.bench_train",
     "dvae": "benchmarks.bench_dvae",
     "storage": "benchmarks.bench_storage",
+    "vg": "benchmarks.bench_vg",
 }
 RESULTS = Path(__file__).parent / "results"
 
