@@ -71,11 +71,14 @@ def build(cfg: BuildConfig, on_progress: Callable[[Snapshot], None] | None = Non
     if cfg.tokenize.enabled:  # refuse a codebook other than the one already in OUT before any work
         shards_to_tokenize(finished_shards(as_path(cfg.out)), cfg.tokenize)
     counter = ProgressCounter.remote()
+    counter.set_totals.remote(tokens=int(cfg.tokenize.enabled))  # the display has a token line from the start
     watch = Watch(counter, on_progress)
     result = BuildResult()
     try:
         _build(cfg, result, counter, watch)
         result.progress = watch.snapshot()
+        if on_progress:
+            on_progress(result.progress)  # the display's last view holds the final counts
     finally:
         ray.kill(counter)
     return result
@@ -89,7 +92,7 @@ def _build(cfg: BuildConfig, result: BuildResult, counter, watch: Watch) -> None
     result.shards_skipped = len(shards) - len(todo)
     rows = {p["source"]: p["rows"] for p in plans}
     planned = sum(min(cfg.shard_size, rows[s.source] - s.index * cfg.shard_size) for s in todo)
-    counter.set_totals.remote(shards=len(todo), images=planned, tokens=int(cfg.tokenize.enabled))
+    counter.set_totals.remote(shards=len(todo), images=planned)
     if not cfg.tokenize.enabled:
         _run_shards(cfg, todo, result, None, counter, watch)
     else:
@@ -164,7 +167,11 @@ def _token_pass(cfg: BuildConfig, shards, todo, force: bool, on_progress) -> lis
         pool = TokenPool(cfg.tokenize, calibration, counter)
         try:
             refuse_mixed_precision(shards, pool.precision, force)
-            return tokenize_shards(pool, todo, force, on_wait=Watch(counter, on_progress))
+            watch = Watch(counter, on_progress)
+            failed = tokenize_shards(pool, todo, force, on_wait=watch)
+            if on_progress:
+                on_progress(watch.snapshot())  # the display's last view holds the final counts
+            return failed
         finally:
             pool.close()
     finally:

@@ -129,6 +129,7 @@ class ShardTokens:
     identity: str
     precision: str
     int8_agreement: float | None
+    counter: ray.actor.ActorHandle | None = None  # the build's ProgressCounter
 
     def request(self, fetched: dict[str, Fetched], out) -> tuple[dict[str, bytes], Counter, float]:
         """{key: KEY.dvae.npy bytes} of every fetched image, the failures by reason, and the seconds it took.
@@ -157,6 +158,9 @@ class ShardTokens:
                 failures[problem] += 1
             else:
                 tokens[key] = npy_bytes(grid)
+        progress = Reporter(self.counter, "tokens")  # a shard of text alone counts too: it is done
+        progress.add(shards=1)
+        progress.flush()
         return tokens, failures, time.time() - started
 
     def sidecar(self, tokens: dict[str, bytes], failures: Counter, seconds: float, stats: dict) -> dict:
@@ -180,6 +184,7 @@ class TokenPool:
         if counter is not None:
             counter.add.remote("tokens", {})  # the stage's clock starts now (loading the encoder is part of it)
         self.actors = _start_actors(tcfg, _actor_count(tcfg), calibration, counter, streaming)
+        self.counter = counter
         self.load = dict.fromkeys(range(len(self.actors)), 0)  # shards handed to each actor and not yet back
         try:
             self.identity, self.precision, self.int8_agreement = ray.get(self.actors[0].describe.remote())
@@ -191,7 +196,7 @@ class TokenPool:
         """The least-loaded actor for the next shard (its index: give it back with `done`)."""
         index = min(self.load, key=self.load.get)
         self.load[index] += 1
-        return index, ShardTokens(self.actors[index], self.identity, self.precision, self.int8_agreement)
+        return index, ShardTokens(self.actors[index], self.identity, self.precision, self.int8_agreement, self.counter)
 
     def done(self, index: int) -> None:
         self.load[index] -= 1
@@ -261,7 +266,6 @@ class TokenizeActor:
         for start in range(0, len(pixels), self.batch_size):
             grids.append(self.tokenizer.tokens(encoder_input(pixels[start : start + self.batch_size])))
             self.progress.add(images=len(grids[-1]))
-        self.progress.add(shards=1)
         self.progress.flush()
         return np.concatenate(grids)
 
