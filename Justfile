@@ -24,7 +24,11 @@ test *ARGS:
 
 # Only the slow tests (kill-and-resume and the like); CI runs them after `just test`
 test-slow *ARGS:
-    python -m pytest -m slow {{ARGS}}
+    python -m pytest -m "slow and not soak" {{ARGS}}
+
+# The soak tests: random-moment kills and the int8 twin of the streaming check (about 10 minutes; not in CI)
+test-soak *ARGS:
+    python -m pytest -m soak {{ARGS}}
 
 # Re-read every shard of a build: complete samples, counts and sha256 vs the manifest; writes sizes.json + wids index
 verify OUT="pmd_out" *ARGS:

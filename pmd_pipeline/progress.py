@@ -181,7 +181,7 @@ class BuildDisplay:
 
             self.live = Live(console=self.console, refresh_per_second=4, transient=False)
             self.live.__enter__()
-        self.started = time.time()
+        self.printed_at = time.time()  # the first plain line after `every_s`: a short run prints none
         return self
 
     def __exit__(self, *exc) -> None:

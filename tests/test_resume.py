@@ -89,6 +89,7 @@ def test_sigkill_at_a_crash_point_then_rerun_equals_uninterrupted(point, embedde
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_sigkill_at_random_moments_repeatedly_then_rerun_equals_uninterrupted(embedded_build, ray_session, tmp_path):
     """Three kills of the same build at seeded random moments (timing-based, unlike the named points)."""
     reference, _ = embedded_build
@@ -172,6 +173,7 @@ def test_sigkill_during_pmd_tokenize_then_rerun_equals_uninterrupted(point, toke
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_sigkill_at_random_moments_of_the_token_stage_then_rerun_equals_uninterrupted(
     tokenized_reference, ray_session, tmp_path
 ):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 
 import numpy as np
 import polars as pl
@@ -219,9 +220,9 @@ def test_a_build_holds_one_precision_of_tokens_unless_forced(tmp_path, small):
     refuse_mixed_precision([first, second], "bf16", force=True)
 
 
-@pytest.mark.parametrize("precision", ["fp32", pytest.param("int8", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("int8", marks=[pytest.mark.slow, pytest.mark.soak])])
 def test_the_streaming_build_writes_each_tar_once_and_equals_the_two_pass_build(
-    ray_session, tmp_path, small, precision
+    embedded_build, tmp_path, small, precision
 ):
     """`pmd build` streams shards through the token actors; `--no-tokenize` + `pmd tokenize` is the two-pass way.
     Same tars byte for byte, same sidecars; streamed tars are written once (their stats hold the final hash),
@@ -232,10 +233,8 @@ def test_the_streaming_build_writes_each_tar_once_and_equals_the_two_pass_build(
 
     folder, _, _ = small
     streamed, two_pass = tmp_path / "streamed", tmp_path / "two_pass"
-    assert not build_embedded(
-        streamed, shard_size=40, tokenize=TokenizeConfig(codebook=str(folder), precision=precision)
-    ).failed
-    assert not build_embedded(two_pass, shard_size=40).failed
+    assert not build_embedded(streamed, tokenize=TokenizeConfig(codebook=str(folder), precision=precision)).failed
+    shutil.copytree(embedded_build[0], two_pass)  # pass one: the session's build without tokens
     assert not retokenize(two_pass, codebook=str(folder), precision=precision)["failed"]
 
     tars = sorted(p.relative_to(streamed) for p in streamed.glob("*/0*.tar"))
