@@ -17,6 +17,7 @@ BENCHES = {
     "train": "benchmarks.bench_train",
     "dvae": "benchmarks.bench_dvae",
     "storage": "benchmarks.bench_storage",
+    "streaming": "benchmarks.bench_streaming",
 }
 RESULTS = Path(__file__).parent / "results"
 
