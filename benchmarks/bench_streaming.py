@@ -44,6 +44,7 @@ ROUNDS = int(os.environ.get("PMD_BENCH_ROUNDS", 1))
 WORKERS = 2
 PRECISION = "int8"
 POLL_S = 0.05
+CPU_POLL_S = 0.25
 CLI_TIMEOUT_S = 900  # one CLI run; a hung build fails the bench instead of blocking it
 
 
@@ -77,7 +78,7 @@ def run() -> dict:
 def _streaming(config: Path, out: Path) -> dict:
     with _Written(out) as written:
         seconds = _cli("build", "--config", config, "--out", out, "--workers", WORKERS)
-    return {"seconds": seconds, "bytes": written.totals()}
+    return {"seconds": seconds, "cpu_seconds": CPU_SECONDS[-1], "bytes": written.totals(), **_work_seconds(out)}
 
 
 def _two_pass(config: Path, out: Path) -> dict:
@@ -90,34 +91,108 @@ def _two_pass(config: Path, out: Path) -> dict:
         "seconds": fetch_s + tokenize_s,
         "fetch_only_seconds": fetch_s,
         "tokenize_only_seconds": tokenize_s,
+        "cpu_seconds": {"fetch_only": CPU_SECONDS[-2], "tokenize_only": CPU_SECONDS[-1]},
         "bytes": total,
         "bytes_fetch_pass": after_fetch,
+        **_work_seconds(out),
     }
+
+
+def _work_seconds(out: Path) -> dict:
+    """The seconds the shards' own records give: shard tasks (NNNNN_stats.json) and token rewrites (_dvae.json)."""
+    shard = [json.loads(p.read_text()).get("seconds", 0) for p in out.glob("*/[0-9]*_stats.json")]
+    tokens = [json.loads(p.read_text()).get("seconds", 0) for p in out.glob("*/[0-9]*_dvae.json")]
+    return {"sum_shard_task_seconds": round(sum(shard), 1), "sum_token_shard_seconds": round(sum(tokens), 1)}
 
 
 _RUNS = {"streaming": _streaming, "two_pass": _two_pass}
 
 
 def _cli(*args) -> float:
-    """One `pmd` command in its own process (its own local Ray); its wall seconds, or the stderr tail."""
+    """One `pmd` command in its own process (its own local Ray); its wall seconds, or the stderr tail.
+
+    Also appends the CPU seconds of the command and every process below it (Ray's workers) to `CPU_SECONDS`."""
     cmd = [sys.executable, "-m", "pmd_pipeline.cli", *map(str, args)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PMD_BENCH_")}  # PMD_* reach Ray's workers
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=CLI_TIMEOUT_S)
-    except subprocess.TimeoutExpired as err:
-        tail = err.stderr or b""  # bytes even with text=True
-        tail = (tail.decode(errors="replace") if isinstance(tail, bytes) else tail)[-3000:]
-        raise RuntimeError(
-            f"`pmd {' '.join(map(str, args))}` ran past {CLI_TIMEOUT_S} s; stderr tail:\n{tail}"
-        ) from None
-    seconds = time.perf_counter() - started
-    if done.returncode:
-        raise RuntimeError(
-            f"`pmd {' '.join(map(str, args))}` exited {done.returncode}; stderr tail:\n{done.stderr[-3000:]}"
-        )
+    with tempfile.TemporaryFile() as stderr:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=REPO)
+        cpu = _TreeCpu(proc.pid)
+        try:
+            code = proc.wait(CLI_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # SIGTERM: the CLI stops its Ray and exits 143
+            try:
+                code = proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+        finally:
+            cpu.stop()
+        seconds = time.perf_counter() - started
+        stderr.seek(0)
+        tail = stderr.read().decode(errors="replace")[-3000:]
+    CPU_SECONDS.append(cpu.seconds)
+    what = f"`pmd {' '.join(map(str, args))}`"
+    if seconds >= CLI_TIMEOUT_S:
+        raise RuntimeError(f"{what} ran past {CLI_TIMEOUT_S} s and was killed; stderr tail:\n{tail}")
+    if code:
+        raise RuntimeError(f"{what} exited {code}; stderr tail:\n{tail}")
     return round(seconds, 2)
+
+
+CPU_SECONDS: list[float] = []
+
+
+class _TreeCpu:
+    """CPU seconds (user + system) of a process and all its descendants, read from /proc every CPU_POLL_S.
+
+    A lower bound: a process's last CPU_POLL_S before it exits is not seen (Ray's workers live for the run)."""
+
+    def __init__(self, root: int):
+        self.root = root
+        self.last: dict[tuple[int, int], int] = {}  # (pid, start time) -> utime + stime, in clock ticks
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-cpu", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._poll()
+            self._stop.wait(CPU_POLL_S)
+
+    def _poll(self) -> None:
+        procs = {}
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    with open(f"/proc/{entry.name}/stat", "rb") as f:
+                        fields = f.read().rsplit(b")", 1)[1].split()
+                except OSError:
+                    continue
+                # after "pid (comm)": state ppid ... utime(12) stime(13) ... starttime(20), 0-based from state
+                procs[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[19]))
+        tree, frontier = set(), [self.root]
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _, _) in procs.items():
+            children.setdefault(ppid, []).append(pid)
+        while frontier:
+            pid = frontier.pop()
+            if pid in procs and pid not in tree:
+                tree.add(pid)
+                frontier.extend(children.get(pid, []))
+        for pid in tree:
+            _, ticks, start = procs[pid]
+            self.last[(pid, start)] = ticks
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def seconds(self) -> float:
+        return round(sum(self.last.values()) / os.sysconf("SC_CLK_TCK"), 1)
 
 
 def _write_config(work: Path, base: str, names: list[str]) -> Path:
@@ -290,6 +365,11 @@ def _result(rounds: list[dict], same: list[dict], samples: int, make_images_s: f
         "workers": WORKERS,
         "precision": PRECISION,
         "codebook": "random, seed 0 (the default; no weights offline)",
+        "settings_note": (
+            f"every image answered after {LATENCY_S} s, {THREADS} fetch threads per shard task and {WORKERS} tasks"
+            f" at a time: at most {WORKERS * THREADS / LATENCY_S:g} images/s fetched, about int8's CPU rate on 2 cores,"
+            " so fetch-only and tokenize-only take comparable times"
+        ),
         "rounds": ROUNDS,
         "runs": rounds,
         "seconds": {
