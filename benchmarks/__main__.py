@@ -18,6 +18,7 @@ BENCHES = {
     "dvae": "benchmarks.bench_dvae",
     "storage": "benchmarks.bench_storage",
     "vg": "benchmarks.bench_vg",
+    "streaming": "benchmarks.bench_streaming",
 }
 RESULTS = Path(__file__).parent / "results"
 
