@@ -43,6 +43,8 @@ def process_shard(
     remove_temp_files(paths.folder, paths.name, within=paths.out)  # of an attempt that was killed; redone from the plan
     with paths.plan.open("rb") as f:
         rows = filter_rows(cfg, pl.read_parquet(f), paths.source)
+    if tokens:
+        tokens.give_way()
     progress = Reporter(counter, "fetch")
     counted = lambda got: progress.add(images=got.jpg is not None, failed=got.jpg is None)  # noqa: E731
     fetched = fetch_images(cfg, rows, paths, counted)
