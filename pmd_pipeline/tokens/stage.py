@@ -240,8 +240,9 @@ def _start_actors(tcfg: TokenizeConfig, count: int, calibration, counter, stream
         # actors of a cluster on different nodes.
         threads = max(1, _node_cpus() // count)
         options = {"num_cpus": 0, "scheduling_strategy": "SPREAD"} if streaming else {"num_cpus": threads}
-    # a crashed actor comes back and its call is retried: encoding is pure, so a retry gives the same tokens
-    options.update(max_restarts=2, max_task_retries=2)
+    # No max_restarts: Ray cannot restart an actor whose constructor arguments live in the object store (it
+    # logs an error on every start saying so, ray#53727). A crashed actor fails the shards waiting on it; they
+    # stay unfinished and a re-run redoes them.
     actors = [TokenizeActor.options(**options).remote(tcfg, threads, calibration, counter) for _ in range(count)]
     try:
         ray.get([a.ready.remote() for a in actors])  # a bad codebook fails here, once, with its message
