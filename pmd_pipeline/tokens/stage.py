@@ -208,9 +208,8 @@ class TokenPool:
         """The least-loaded actor for the next shard (its index: give it back with `done`)."""
         index = min(self.load, key=self.load.get)
         self.load[index] += 1
-        tokens = ShardTokens(self.actors[index], self.identity, self.precision, self.int8_agreement, self.counter)
-        tokens.on_cpu = self.on_cpu
-        return index, tokens
+        actor = self.actors[index]
+        return index, ShardTokens(actor, self.identity, self.precision, self.int8_agreement, self.counter, self.on_cpu)
 
     def done(self, index: int) -> None:
         self.load[index] -= 1
