@@ -27,13 +27,12 @@ from pmd_pipeline.process import filter_chain, process_shard
 from pmd_pipeline.progress import ProgressCounter, Reporter, Snapshot, Watch
 from pmd_pipeline.storage import as_path, local_scratch
 from pmd_pipeline.tokens.stage import (
-    CALIBRATION_IMAGES,
     ShardTokens,
     TokenPool,
     calibration_pixels,
-    first_pixels,
     refuse_mixed_precision,
     shards_to_tokenize,
+    start_calibration,
     tokenize_shards,
 )
 from shards.files import owned_path
@@ -107,34 +106,20 @@ def _build(cfg: BuildConfig, result: BuildResult, counter, watch: Watch) -> None
 
 def _build_with_tokens(cfg: BuildConfig, shards, todo, result: BuildResult, counter, watch: Watch) -> None:
     """Shards stream through the token actors; those finished without tokens get the token pass after."""
-    calibration = None
-    if cfg.tokenize.precision == "int8":
-        calibration = _int8_calibration(cfg, shards, result, counter, watch)
-        if calibration is None:
-            return  # a calibration shard failed: the build is incomplete, a re-run goes on
-        todo = [s for s in todo if not s.is_done()]
     if not todo and not shards_to_tokenize(shards, cfg.tokenize):
         return  # a finished build re-run: no encoder to load
-    pool = TokenPool(cfg.tokenize, calibration, counter, streaming=bool(todo))
+    # int8 calibrates on the build's first images: gathered as they are fetched, while later shards fetch
+    collector = start_calibration(shards) if cfg.tokenize.precision == "int8" else None
+    pool = TokenPool(cfg.tokenize, None, counter, streaming=bool(todo), collector=collector)
     try:
         refuse_mixed_precision(shards, pool.precision, force=False)
-        _run_shards(cfg, todo, result, pool, counter, watch)
-        if not result.failed:  # e.g. an earlier --no-tokenize run's shards, int8's calibration shards
+        _run_shards(cfg, todo, result, pool, counter, watch, order={s.tar: i for i, s in enumerate(shards)})
+        if not result.failed:  # e.g. an earlier --no-tokenize run's shards
             result.shards_failed += tokenize_shards(pool, shards_to_tokenize(shards, cfg.tokenize), on_wait=watch)
     finally:
         pool.close()
-
-
-def _int8_calibration(cfg: BuildConfig, shards, result: BuildResult, counter, watch: Watch):
-    """int8 calibrates on the build's first images in shard order (so a resumed run calibrates identically):
-    the first shards are finished without tokens until they hold enough images (the token pass adds theirs).
-    None when one of them failed."""
-    pending = [s for s in shards if not s.is_done()]
-    while pending and len(first_pixels([s for s in shards if s.is_done()])) < CALIBRATION_IMAGES:
-        _run_shards(cfg, [pending.pop(0)], result, None, counter, watch)
-        if result.failed:
-            return None
-    return calibration_pixels([s for s in shards if s.is_done()])
+        if collector is not None:
+            ray.kill(collector)
 
 
 def retokenize(
@@ -239,10 +224,12 @@ def cancel(refs) -> None:
             pass
 
 
-def _run_shards(cfg: BuildConfig, todo: list[ShardPaths], result: BuildResult, pool, counter, watch: Watch) -> None:
+def _run_shards(
+    cfg: BuildConfig, todo: list[ShardPaths], result: BuildResult, pool, counter, watch: Watch, order=None
+) -> None:
     """Keep at most `max_in_flight` shard tasks running (the bound on memory: each holds at most one shard's
     images); Ray retries each failed task `shard_retries` times. With a TokenPool, each shard's images go to
-    its least-loaded actor as soon as they are fetched."""
+    its least-loaded actor as soon as they are fetched; `order` gives each shard's place in plan order."""
     limit = cfg.run.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     # SPREAD: a crawl is network-bound, so shards go to every node rather than filling the first one.
     task = _shard_task.options(max_retries=cfg.run.shard_retries, retry_exceptions=True, scheduling_strategy="SPREAD")
@@ -253,7 +240,7 @@ def _run_shards(cfg: BuildConfig, todo: list[ShardPaths], result: BuildResult, p
         while queue or in_flight:
             while queue and len(in_flight) < limit:
                 paths = queue.pop()
-                actor, tokens = pool.target() if pool else (None, None)
+                actor, tokens = pool.target(order[paths.tar] if order else 0) if pool else (None, None)
                 in_flight[task.remote(cfg, paths, tokens, counter)] = (paths, actor)
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
             watch()
@@ -262,22 +249,27 @@ def _run_shards(cfg: BuildConfig, todo: list[ShardPaths], result: BuildResult, p
             paths, actor = in_flight.pop(ready[0])
             if pool:
                 pool.done(actor)
-            _collect(ready[0], paths, result)
+            if not _collect(ready[0], paths, result) and pool and pool.stalled_by(order[paths.tar] if order else 0):
+                log.error("int8 calibrates on the build's first images and %s failed: stopping here", paths.tar)
+                cancel(in_flight)  # they wait for a calibration that cannot come; a re-run goes on
+                return
     except BaseException:  # stopped (a signal, a full device, a link in OUT): no shard task goes on writing
         cancel(in_flight)
         raise
 
 
-def _collect(ref, paths: ShardPaths, result: BuildResult) -> None:
+def _collect(ref, paths: ShardPaths, result: BuildResult) -> bool:
+    """Count the shard task's outcome; False when it failed."""
     try:
         value = ray.get(ref)
     except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as err:
         log.error("shard %s failed after retries: %s", paths.tar, err)
         result.shards_failed.append(str(paths.tar))
-        return
+        return False
     if isinstance(value, StopBuild):
         raise value
     result.shards_done += 1
+    return True
 
 
 def validate(cfg: BuildConfig) -> None:

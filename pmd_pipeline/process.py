@@ -50,7 +50,7 @@ def process_shard(
     fetched = fetch_images(cfg, rows, paths, counted)
     progress.add(shards=1)
     progress.flush()
-    made = tokens.request(fetched, paths.out) if tokens else None
+    made = tokens.request(fetched, paths.out, rows["key"].to_list()) if tokens else None
     stats = write_shard(paths, rows, fetched, made[0] if made else None)
     if made:
         write_sidecar(paths, tokens.sidecar(*made, stats))

@@ -210,6 +210,32 @@ def test_int8_calibration_images_come_from_every_shard_in_order_and_skip_bad_ima
         calibration_pixels([first])
 
 
+def test_int8_streaming_calibration_waits_for_the_first_shards_in_plan_order(tmp_path, ray_session):
+    """Shards offer their images as they are fetched, in any order; the calibration is decided once every shard
+    before the 32nd image is known, and equals the token pass's over the same finished tars."""
+    import ray
+
+    from pmd_pipeline.tokens.stage import CALIBRATION_IMAGES, first_rgb, start_calibration
+
+    shards = [make_shard(tmp_path / f"s{i}", n=n) for i, n in enumerate((20, 30, 5))]
+    done = shards[0]  # finished by an earlier run: the driver offers it
+    pending = [ShardPaths(tmp_path / "s1", "toy", 0), ShardPaths(tmp_path / "s2", "toy", 0)]
+    collector = start_calibration([done, *(ShardPaths(tmp_path / "new", "toy", i) for i in (1, 2))])
+    try:
+        assert ray.get(collector.needs.remote(1)) and ray.get(collector.needs.remote(2))
+        ray.get(collector.offer.remote(2, first_rgb([pending[1]])))  # a later shard fetched first: not enough
+        ready, _ = ray.wait([collector.calibration.remote()], timeout=0.5)
+        assert ready == [] and ray.get(collector.needs.remote(1))
+        ray.get(collector.offer.remote(1, first_rgb([pending[0]])))
+        got = ray.get(collector.calibration.remote(), timeout=30)
+        assert not ray.get(collector.needs.remote(1))
+    finally:
+        ray.kill(collector)
+    want = calibration_pixels(shards)
+    assert len(want) == CALIBRATION_IMAGES
+    np.testing.assert_array_equal(got, want)
+
+
 def test_a_build_holds_one_precision_of_tokens_unless_forced(tmp_path, small):
     _, identity, tokenizer = small
     first, second = make_shard(tmp_path / "a", n=1), make_shard(tmp_path / "b", n=1)
@@ -226,7 +252,7 @@ def test_the_streaming_build_writes_each_tar_once_and_equals_the_two_pass_build(
 ):
     """`pmd build` streams shards through the token actors; `--no-tokenize` + `pmd tokenize` is the two-pass way.
     Same tars byte for byte, same sidecars; streamed tars are written once (their stats hold the final hash),
-    except int8's calibration shards, which are finished first and tokenized after (int8 calibrates on them)."""
+    int8's too (its calibration is gathered from the first shards as they are fetched)."""
     from pmd_pipeline.build import retokenize
     from pmd_pipeline.config import TokenizeConfig
     from tests.helpers import build_embedded
@@ -251,9 +277,6 @@ def test_the_streaming_build_writes_each_tar_once_and_equals_the_two_pass_build(
         stats = json.loads(sidecar_path.with_name(sidecar_path.name.replace("_dvae.json", "_stats.json")).read_text())
         if stats["tar_sha256"] != sidecar["tar_sha256"]:
             rewritten.append(sidecar_path.name)
-    if precision == "fp32":
-        assert rewritten == []  # every tar written once, with its tokens
-    else:  # the first shards, until they hold the calibration's 32 images: finished first, then tokenized
-        assert 0 < len(rewritten) < len(tars) // 2
+    assert rewritten == []  # every tar written once, with its tokens
     got, want = (json.loads((d / "manifest.json").read_text()) for d in (streamed, two_pass))
     assert got["tokens"] == want["tokens"] and got["totals"] == want["totals"]

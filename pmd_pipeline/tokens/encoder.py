@@ -105,7 +105,8 @@ class DvaeTokenizer:
         device: str | torch.device | None = None,
         calibration: np.ndarray | None = None,
     ):
-        """`calibration`: encoder pixels [N, 3, 112, 112] from the data, needed by int8 only (see `quantize_int8`)."""
+        """`calibration`: encoder pixels [N, 3, 112, 112] from the data, needed by int8 only (see `quantize_int8`);
+        int8 without it waits for `calibrate` (a streaming build knows its first images only once fetched)."""
         check_precision(precision)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if precision == "auto":
@@ -115,11 +116,22 @@ class DvaeTokenizer:
         if precision == "int8":
             if self.device.type != "cpu":
                 raise PmdError("dVAE precision int8 runs on CPUs only; use bf16 or fp32 on a GPU")
-            self.model, self.int8_agreement = quantize_int8(model.eval(), calibration)
+            self.model = model.eval()
+            self.needs_calibration = True
+            if calibration is not None:
+                self.calibrate(calibration)
         else:
             self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+            self.needs_calibration = False
+
+    def calibrate(self, calibration: np.ndarray) -> None:
+        """int8: quantize the encoder with activation ranges from these encoder pixels (once)."""
+        self.model, self.int8_agreement = quantize_int8(self.model, calibration)
+        self.needs_calibration = False
 
     def tokens(self, pixels: np.ndarray) -> np.ndarray:
+        if self.needs_calibration:
+            raise RuntimeError("int8 encoder used before calibrate()")
         x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
         if self.precision == "int8":
             with torch.inference_mode(), int8_engine():

@@ -30,7 +30,6 @@ from pmd_pipeline.tokens.encoder import (
     BadImage,
     check_precision,
     encoder_input,
-    encoder_pixels,
     encoder_rgb,
     token_problem,
     tokens_identity,
@@ -58,26 +57,91 @@ def calibration_pixels(shards: list[ShardPaths], count: int = CALIBRATION_IMAGES
 
     Taken from every finished shard, not only those left to do, so a resumed run calibrates identically.
     """
-    pixels = first_pixels(shards, count)
-    if len(pixels) < 2:
-        raise PmdError(f"dVAE precision int8 calibrates on the build's images, and it has {len(pixels)}; use fp32")
-    return np.stack(pixels)
+    return _calibration(first_rgb(shards, count))
 
 
-def first_pixels(shards: list[ShardPaths], count: int = CALIBRATION_IMAGES) -> list[np.ndarray]:
-    """Encoder pixels of up to `count` decodable images of `shards`, in order."""
-    pixels = []
+def _calibration(rgb: list[np.ndarray]) -> np.ndarray:
+    if len(rgb) < 2:
+        raise PmdError(f"dVAE precision int8 calibrates on the build's images, and it has {len(rgb)}; use fp32")
+    return encoder_input(np.stack(rgb))
+
+
+def first_rgb(shards: list[ShardPaths], count: int = CALIBRATION_IMAGES) -> list[np.ndarray]:
+    """encoder_rgb of up to `count` decodable images of `shards`' tars, in order."""
+    rgb = []
     for paths in shards:
         with paths.tar.open("rb") as f, tarfile.open(fileobj=f) as tar:
             for member in tar:
                 if member.isfile() and member.name.endswith(f".{IMAGE_EXT}"):
                     try:
-                        pixels.append(encoder_pixels(tar.extractfile(member).read()))
+                        rgb.append(encoder_rgb(tar.extractfile(member).read()))
                     except BadImage:
                         continue
-                    if len(pixels) == count:
-                        return pixels
-    return pixels
+                    if len(rgb) == count:
+                        return rgb
+    return rgb
+
+
+@ray.remote(num_cpus=0)
+class CalibrationCollector:
+    """int8's calibration in a streaming build: the first CALIBRATION_IMAGES decodable images in shard order,
+    gathered as shard tasks fetch them (`offer`), so later shards fetch while the first ones are still on the
+    way and the actors quantize (`calibration`, which waits until the images before it are all known).
+
+    The rule is `calibration_pixels`' over finished tars: the driver offers the finished shards' images, shard
+    tasks offer theirs in plan order before they ask for tokens, so a resumed run calibrates identically."""
+
+    def __init__(self, shard_count: int):
+        import asyncio
+
+        self.shard_count = shard_count
+        self.offered: dict[int, list[np.ndarray]] = {}
+        self.decided: np.ndarray | PmdError | None = None
+        self.event = asyncio.Event()
+
+    async def offer(self, index: int, rgb: list[np.ndarray]) -> None:
+        if self.decided is None:
+            self.offered.setdefault(index, rgb[:CALIBRATION_IMAGES])
+            self._decide()
+
+    async def needs(self, index: int) -> bool:
+        """True while the calibration still needs shard `index`'s images (a build stops if that shard failed)."""
+        return self.decided is None and index not in self.offered
+
+    async def calibration(self) -> np.ndarray:
+        await self.event.wait()
+        if isinstance(self.decided, PmdError):
+            raise self.decided
+        return self.decided
+
+    def _decide(self) -> None:
+        rgb: list[np.ndarray] = []
+        for index in range(self.shard_count):
+            if index not in self.offered:
+                return  # an earlier shard's images are not known yet
+            rgb.extend(self.offered[index])
+            if len(rgb) >= CALIBRATION_IMAGES:
+                break
+        try:
+            self.decided = _calibration(rgb[:CALIBRATION_IMAGES])
+        except PmdError as err:
+            self.decided = err
+        self.offered.clear()
+        self.event.set()
+
+
+def start_calibration(shards: list[ShardPaths]):
+    """A CalibrationCollector for a streaming int8 build over `shards` (in plan order), told the finished ones."""
+    collector = CalibrationCollector.remote(len(shards))
+    known = 0
+    for index, paths in enumerate(shards):
+        if known >= CALIBRATION_IMAGES:
+            break
+        if paths.is_done():
+            rgb = first_rgb([paths])
+            known += len(rgb)
+            collector.offer.remote(index, rgb)
+    return collector
 
 
 def refuse_mixed_precision(shards: list[ShardPaths], precision: str, force: bool) -> None:
@@ -133,6 +197,8 @@ class ShardTokens:
     int8_agreement: float | None
     counter: ray.actor.ActorHandle | None = None  # the build's ProgressCounter
     on_cpu: bool = False  # the actors encode on CPUs: the fetching tasks give way to them (see `give_way`)
+    collector: ray.actor.ActorHandle | None = None  # int8 streaming: the CalibrationCollector ...
+    index: int = 0  # ... and this shard's place in the build's plan order
 
     def give_way(self) -> None:
         """On a CPU-only node the encoder is the bottleneck and uses every core, while a fetch waits on the
@@ -142,11 +208,14 @@ class ShardTokens:
         if self.on_cpu:
             os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), FETCH_NICENESS))
 
-    def request(self, fetched: dict[str, Fetched], out) -> tuple[dict[str, bytes], Counter, float]:
+    def request(
+        self, fetched: dict[str, Fetched], out, plan_keys: list[str]
+    ) -> tuple[dict[str, bytes], Counter, float]:
         """{key: KEY.dvae.npy bytes} of every fetched image, the failures by reason, and the seconds it took.
 
         The same bytes and reasons as the token pass over a written tar (tokens.shard.add_tokens): decoding
         and resizing happen here, on the fetching CPU; the actor gets uint8 pixels and only encodes.
+        `plan_keys`: the shard's keys in plan (= tar) order, the order int8's calibration takes images in.
         """
         started = time.time()
         failures: Counter = Counter()
@@ -159,9 +228,12 @@ class ShardTokens:
                 keys.append(key)
             except BadImage as err:
                 failures[err.reason] += 1
+        self._offer_calibration(dict(zip(keys, pixels, strict=True)), plan_keys)
         crash_point("tokens_requested", out)
         # ray.get in a task gives its CPU back while it waits, so later shards fetch meanwhile
         grids = ray.get(self.actor.encode.remote(np.stack(pixels), str(out))) if pixels else []
+        if self.precision == "int8" and self.int8_agreement is None:
+            self.int8_agreement = ray.get(self.actor.describe.remote())[2]  # known once the actor calibrated
         tokens = {}
         for key, grid in zip(keys, grids, strict=True):
             problem = token_problem(grid)
@@ -173,6 +245,12 @@ class ShardTokens:
         progress.add(shards=1)
         progress.flush()
         return tokens, failures, time.time() - started
+
+    def _offer_calibration(self, rgb: dict[str, np.ndarray], plan_keys: list[str]) -> None:
+        """Before asking for tokens (the actor may be waiting for these very images to calibrate)."""
+        if self.collector is not None and ray.get(self.collector.needs.remote(self.index)):
+            in_order = [rgb[key] for key in plan_keys if key in rgb][:CALIBRATION_IMAGES]
+            ray.get(self.collector.offer.remote(self.index, in_order))
 
     def sidecar(self, tokens: dict[str, bytes], failures: Counter, seconds: float, stats: dict) -> dict:
         return make_sidecar(
@@ -189,27 +267,45 @@ class ShardTokens:
 
 class TokenPool:
     """The run's dVAE actors: one per GPU, or CPU actors. In a streaming build (`streaming`) CPU actors
-    reserve no Ray CPU and the fetching tasks give way to them; the token pass alone reserves every core."""
+    reserve no Ray CPU and the fetching tasks give way to them; the token pass alone reserves every core.
 
-    def __init__(self, tcfg: TokenizeConfig, calibration: np.ndarray | None, counter=None, streaming=False):
+    int8 calibrates on `calibration` (encoder pixels), or, in a streaming build, on what `collector` (a
+    CalibrationCollector) gathers from the first shards: the actors start at once and wait for it."""
+
+    def __init__(
+        self, tcfg: TokenizeConfig, calibration: np.ndarray | None, counter=None, streaming=False, collector=None
+    ):
         if counter is not None:
             counter.add.remote("tokens", {})  # the stage's clock starts now (loading the encoder is part of it)
-        self.actors = _start_actors(tcfg, _actor_count(tcfg), calibration, counter, streaming)
+        self.actors, (self.identity, self.precision) = _start_actors(
+            tcfg, _actor_count(tcfg), calibration if collector is None else collector, counter, streaming
+        )
         self.counter = counter
+        self.collector = collector
         self.on_cpu = not int(ray.cluster_resources().get("GPU", 0))
         self.load = dict.fromkeys(range(len(self.actors)), 0)  # shards handed to each actor and not yet back
-        try:
-            self.identity, self.precision, self.int8_agreement = ray.get(self.actors[0].describe.remote())
-        except BaseException:
-            self.close()
-            raise
+        self.int8_agreement = None
+        if collector is None:
+            try:
+                self.int8_agreement = ray.get(self.actors[0].describe.remote())[2]
+            except BaseException:
+                self.close()
+                raise
 
-    def target(self) -> tuple[int, ShardTokens]:
-        """The least-loaded actor for the next shard (its index: give it back with `done`)."""
-        index = min(self.load, key=self.load.get)
-        self.load[index] += 1
-        actor = self.actors[index]
-        return index, ShardTokens(actor, self.identity, self.precision, self.int8_agreement, self.counter, self.on_cpu)
+    def target(self, index: int = 0) -> tuple[int, ShardTokens]:
+        """The least-loaded actor for the shard at `index` in plan order (the actor's number: give it back
+        with `done`)."""
+        number = min(self.load, key=self.load.get)
+        self.load[number] += 1
+        tokens = ShardTokens(
+            self.actors[number], self.identity, self.precision, self.int8_agreement, self.counter, self.on_cpu,
+            self.collector, index,
+        )  # fmt: skip
+        return number, tokens
+
+    def stalled_by(self, index: int) -> bool:
+        """Whether int8's calibration still waits for the shard at `index` (which failed: it never will)."""
+        return self.collector is not None and ray.get(self.collector.needs.remote(index))
 
     def done(self, index: int) -> None:
         self.load[index] -= 1
@@ -244,19 +340,20 @@ def _start_actors(tcfg: TokenizeConfig, count: int, calibration, counter, stream
     # stay unfinished and a re-run redoes them.
     actors = [TokenizeActor.options(**options).remote(tcfg, threads, calibration, counter) for _ in range(count)]
     try:
-        ray.get([a.ready.remote() for a in actors])  # a bad codebook fails here, once, with its message
+        described = ray.get([a.ready.remote() for a in actors])  # a bad codebook fails here, once, with its message
     except BaseException:
         for actor in actors:
             ray.kill(actor)
         raise
-    return actors
+    return actors, described[0]
 
 
 @ray.remote
 class TokenizeActor:
     """Loads the encoder once; encodes a streaming shard's pixels, or tokenizes a whole finished shard."""
 
-    def __init__(self, tcfg: TokenizeConfig, threads: int, calibration: np.ndarray | None, counter=None):
+    def __init__(self, tcfg: TokenizeConfig, threads: int, calibration, counter=None):
+        """`calibration`: int8's encoder pixels, or a CalibrationCollector to wait for (before the first encode)."""
         import torch
 
         from pmd_pipeline.tokens.codebook import load_codebook
@@ -264,21 +361,32 @@ class TokenizeActor:
 
         torch.set_num_threads(threads)
         codebook = load_codebook(tcfg.codebook, tcfg.seed)
-        self.tokenizer = DvaeTokenizer(codebook.model, tcfg.precision, calibration=calibration)
+        pixels = calibration if isinstance(calibration, np.ndarray) else None
+        self.collector = None if pixels is not None else calibration
+        self.tokenizer = DvaeTokenizer(codebook.model, tcfg.precision, calibration=pixels)
         self.identity = tokens_identity(codebook.identity, self.tokenizer.precision)
         self.batch_size = tcfg.batch_size or default_batch_size(self.tokenizer.device)
         self.progress = Reporter(counter, "tokens")
 
-    def ready(self) -> str:
-        return self.identity
+    def ready(self) -> tuple[str, str]:
+        """(tokens identity, precision): `auto` resolves on the actor's device, so only it knows."""
+        return self.identity, self.tokenizer.precision
 
     def describe(self) -> tuple[str, str, float | None]:
-        """(tokens identity, precision, int8 agreement): `auto` resolves on the actor's device, so only it knows."""
+        """`ready` and int8's agreement with fp32 (known once calibrated)."""
+        self._calibrated()
         return self.identity, self.tokenizer.precision, self.tokenizer.int8_agreement
+
+    def _calibrated(self) -> None:
+        if self.tokenizer.needs_calibration:  # the actor runs one call at a time: the others queue behind this
+            if self.collector is None:
+                raise PmdError("dVAE precision int8 needs calibration images and none were given")
+            self.tokenizer.calibrate(ray.get(self.collector.calibration.remote()))
 
     def encode(self, pixels: np.ndarray, out: str) -> np.ndarray:
         """uint16 [N, 14, 14] tokens of uint8 [N, 112, 112, 3] pixels (encoder_rgb's), in batches."""
         crash_point("tokens", out)
+        self._calibrated()
         grids = []
         for start in range(0, len(pixels), self.batch_size):
             grids.append(self.tokenizer.tokens(encoder_input(pixels[start : start + self.batch_size])))
@@ -289,6 +397,7 @@ class TokenizeActor:
     def tokenize(self, paths: ShardPaths, force: bool) -> dict:
         from pmd_pipeline.tokens.shard import tokenize_shard
 
+        self._calibrated()
         sidecar = tokenize_shard(paths, self.tokenizer, self.identity, self.batch_size, force)
         self.progress.add(shards=1, images=sidecar.get("samples_tokenized", 0) if not sidecar.get("skipped") else 0)
         self.progress.flush()
