@@ -7,6 +7,7 @@ It also owns how a run ends: one line per problem (exit 2), and SIGINT/SIGTERM s
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -243,6 +244,31 @@ def sources() -> None:
             ("licence", i.license),
         ):
             out.print(f"  {label:10} {value}", highlight=False)
+
+
+@app.command()
+def plan(
+    config: Path = typer.Argument(None, help="TOML build config; none = the embedded default sample."),
+    out: str = typer.Option(None, "--out", "-o", help="Where the build will write (overrides the config's `out`)."),
+    nodes: int = typer.Option(1, min=1, help="Nodes of the cluster to estimate hours for."),
+    cpus: int = typer.Option(32, min=1, help="CPUs per node."),
+    gpus: int = typer.Option(0, min=0, help="GPUs per node (the dVAE tokens run there)."),
+    download_mb_s: float = typer.Option(100.0, min=0.001, help="Download speed per node, MB/s."),
+    sample_rows: int = typer.Option(2000, min=1, help="Rows of each source's metadata the rules are run on."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
+) -> None:
+    """A dry run: per source, files and sizes, rows, expected pairs, shards, output bytes, disk and hours."""
+    from pmd_pipeline.estimate import Cluster, plan_config
+    from pmd_pipeline.inspection.plan_view import show_plan
+
+    with _errors_as_messages():
+        cfg = _build_config(config, out)
+        with _embedded_mirror(cfg, embedded=config is None):  # the sample is materialized in OUT to be counted
+            report = plan_config(cfg, Cluster(nodes, cpus, gpus, download_mb_s), sample_rows)
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
+        else:
+            show_plan(report, Console())
 
 
 @app.command()

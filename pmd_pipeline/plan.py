@@ -87,19 +87,22 @@ def _merged_by_key(batches: Iterator[pl.DataFrame], parts: Path) -> Iterator[pl.
         batch.write_parquet(parts / f"part-{i:06d}.parquet")
     if not any(parts.iterdir()):
         return
+    merged = merge_rows_by_key(pl.scan_parquet(parts / "*.parquet")).collect()
+    shutil.rmtree(parts)
+    yield merged
+
+
+def merge_rows_by_key(rows: pl.LazyFrame) -> pl.LazyFrame:
+    """One row per key: captions concatenated in input order, other fields from the first row."""
     firsts = [pl.col(c).first() for c in CANDIDATE_SCHEMA if c not in ("key", "captions", "caption_fields")]
-    merged = (
-        pl.scan_parquet(parts / "*.parquet")
-        .group_by("key", maintain_order=True)
+    return (
+        rows.group_by("key", maintain_order=True)
         .agg(
             *firsts,
             *(pl.col(c).list.explode(keep_nulls=False, empty_as_null=False) for c in ("captions", "caption_fields")),
         )
         .select(list(CANDIDATE_SCHEMA))
-        .collect()
     )
-    shutil.rmtree(parts)
-    yield merged
 
 
 def _write_plan_shards(batches: Iterator[pl.DataFrame], out: Path, source: str, shard_size: int) -> tuple[int, int]:

@@ -113,7 +113,7 @@ def counts_table(report: dict) -> Table:
             f"{s['fetch_success_rate']:.1%}" if s["fetch_success_rate"] is not None else "-",
             _top(s["rows_failed"]),
             _top(s["rows_dropped"]),
-            _bytes(s["tar_bytes"]),
+            human_bytes(s["tar_bytes"]),
             end_section=name == list(report["sources"])[-1],
         )
     return table
@@ -154,7 +154,7 @@ def _sampling_note(report: dict) -> str:
     )
 
 
-def _bytes(n: int) -> str:
+def human_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
