@@ -210,9 +210,10 @@ def _hours(sources: list[dict], download_bytes: int, cluster: Cluster, tcfg) -> 
     else:
         per_core = RATES["tokens_per_core_s_int8" if tcfg.precision == "int8" else "tokens_per_core_s_fp32"]
         token_rate = cores * per_core
+    rows = sum(s["rows"] or s["expected_pairs"] for s in sources)
     stages = {
         "download": download_bytes / (cluster.nodes * cluster.download_mb_s * 1e6) / 3600,
-        "metadata": sum(s["rows"] or s["expected_pairs"] for s in sources) / (cores * RATES["metadata_rows_per_core_s"]) / 3600,
+        "metadata": rows / (cores * RATES["metadata_rows_per_core_s"]) / 3600,
         "fetch": (urls / RATES["fetch_images_per_core_s"] + local / RATES["local_images_per_core_s"]) / cores / 3600,
         "tokens": images / token_rate / 3600 if tcfg.enabled else 0.0,
     }
