@@ -229,8 +229,9 @@ def _say_tokens(manifest: dict, out) -> None:
 
 @app.command()
 def sources() -> None:
-    """List every registered source: raw files, where images come from, rules, licence, the paper's counts."""
+    """List every registered source: raw files, images, rules, licence, the paper's counts, where it is published."""
     from sources import REGISTRY
+    from sources.published import MANUAL_STEPS, PUBLISHED
 
     out = Console()
     for name, source in sorted(REGISTRY.items()):
@@ -242,6 +243,8 @@ def sources() -> None:
             ("images", i.images_from),
             ("rules", i.rules),
             ("licence", i.license),
+            *(("published", url) for url in PUBLISHED.get(name, [])),
+            *([("manual", MANUAL_STEPS[name])] if name in MANUAL_STEPS else []),
         ):
             out.print(f"  {label:10} {value}", highlight=False)
 
