@@ -10,6 +10,7 @@ rates measured in BENCHMARKS.md. Without readable metadata the pairs are the pap
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import urllib.request
 
@@ -25,6 +26,8 @@ from pmd_pipeline.plan import merge_rows_by_key
 from pmd_pipeline.storage import as_path
 from sources import get_source
 from sources.base import RejectLog
+
+log = logging.getLogger(__name__)
 
 SAMPLE_ROWS = 2000  # candidate rows read from each source's metadata for its keep rate and pairs per row
 
@@ -47,6 +50,8 @@ TOKENS_PER_GPU_S = 2000.0
 # Bytes of one sample in the shards: a 224 px JPEG at quality 95 of a real photo (~24 KB; the synthetic
 # images of the benches are smaller), its 14x14 uint16 tokens as .npy (520 B), text and json (~0.6 KB).
 BYTES_PER_IMAGE_SAMPLE = 25_000
+# Unimodal corpora have no paper pairs: ImageNet-1k's training images; a text corpus is the user's own
+UNIMODAL_SAMPLES = {"imagenet": 1_281_167}
 BYTES_PER_TEXT_SAMPLE = 1_500
 
 
@@ -99,6 +104,7 @@ def _plan_one(cfg: BuildConfig, source_cfg: SourceConfig, policy: WebPolicy, siz
     counted = _count(cfg, source, source_cfg, sample_rows) if _metadata_readable(source_cfg) else None
     if counted is None:  # remote metadata: the paper's count (the pipeline keeps what the paper kept)
         pairs = round(source.info.paper_pairs * 1e6)
+        pairs = pairs or UNIMODAL_SAMPLES.get(source_cfg.name, 0)
         images_from = "local archives" if source_cfg.images else "URLs"
         counted = {"rows": None, "planned": pairs, "estimate": "paper", "pairs": pairs, "samples": pairs}
         counted.update(image_samples=pairs, images_from=images_from)
@@ -140,8 +146,9 @@ def file_size(path: str, cfg: BuildConfig, policy: WebPolicy) -> int | None:
                 return int(total)
             length = response.headers.get("Content-Length") or ""
             return int(length) if response.status == 200 and length.isdigit() else None
-    except OSError as err:
-        raise PmdError(f"could not reach {path} to learn its size: {err}") from None
+    except OSError as err:  # offline, or the host is down: the plan goes on without this size
+        log.warning("could not learn the size of %s: %s", path, err)
+        return None
 
 
 def _folder_bytes(folder) -> int:
