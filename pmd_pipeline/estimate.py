@@ -104,10 +104,10 @@ def _plan_one(cfg: BuildConfig, source_cfg: SourceConfig, policy: WebPolicy, siz
     counted = _count(cfg, source, source_cfg, sample_rows) if _metadata_readable(source_cfg) else None
     if counted is None:  # remote metadata: the paper's count (the pipeline keeps what the paper kept)
         pairs = round(source.info.paper_pairs * 1e6)
-        pairs = pairs or UNIMODAL_SAMPLES.get(source_cfg.name, 0)
+        samples = pairs or UNIMODAL_SAMPLES.get(source_cfg.name, 0)
         images_from = "local archives" if source_cfg.images else "URLs"
-        counted = {"rows": None, "planned": pairs, "estimate": "paper", "pairs": pairs, "samples": pairs}
-        counted.update(image_samples=pairs, images_from=images_from)
+        counted = {"rows": None, "planned": samples, "estimate": "paper", "pairs": pairs, "samples": samples}
+        counted.update(image_samples=samples, images_from=images_from)
     image_samples = counted.pop("image_samples")
     samples = counted["samples"]
     return {
