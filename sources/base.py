@@ -111,7 +111,8 @@ class Source:
     info: SourceInfo
     read: Callable[[SourceConfig, RejectLog], Iterator[pl.DataFrame]]
     repeats_keys: bool = False  # True when one image can appear on several raw rows (merge their captions)
-    # The caption filters this source's rule names; None: the build's global `filters` list.
+    # The caption filters this source's rule names; None: the build's global `filters` list (by default
+    # only empty captions are dropped: PMD's text filters are YFCC's, which declares them here).
     default_filters: tuple[FilterConfig, ...] | None = None
     needs_metadata: bool = True  # False for sources read from their images alone (an image folder)
     # Every `options` key the source reads, with its type (pmd_pipeline.config's annotated types); the
