@@ -74,6 +74,9 @@ class SourceInfo:
     license: str
     paper_pairs: float  # millions of pairs in FLAVA's Table 2 (0 for unimodal sources)
     paper_avg_words: float
+    # Sources the table gives one figure for together (Localized Narratives' four subsets): every member
+    # carries the group's figure, and a total counts it once however many members are configured.
+    paper_group: str = ""
 
 
 @dataclass

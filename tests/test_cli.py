@@ -87,6 +87,9 @@ def test_sources_lists_every_registered_source():
     assert result.exit_code == 0
     for name in REGISTRY:
         assert name in result.output
+    text = " ".join(result.output.split())  # rich may wrap long lines
+    assert text.count("1.9M pairs") == 4 and text.count("for the 4 localized_narratives subsets together") == 4
+    assert "PMD in FLAVA's Table 2: 70M pairs" in text  # LN's figure counted once, not 75.7M
 
 
 def test_stats_json_matches_the_shard_files(embedded_build):
