@@ -173,6 +173,51 @@ def test_yfcc_real_rows_decided_row_by_row_like_the_rule_says():
     assert got["2297552664"][0].startswith("recipe here: allrecipes.com/Recipe/Denises-Peanut-Chicken")
 
 
+def test_yfcc_real_rows_tags_leave_nothing_in_their_place():
+    rows, _ = read("yfcc100m", [realdata("yfcc100m", "yfcc100m_1k.tsv")])
+    text = {r["key"].removeprefix("yfcc_"): r["captions"][0] for r in rows}  # the cleaned descriptions
+    assert text["89467346"] == "Hyro's office at Albert St, East Melbourne. Salvation Army 1901 Printing Works"
+    assert text["11512100683"] == "Follow our trip at Trekking Asia."
+    assert text["2463834526"].startswith("See Julian's pictures from the day here. See Nikki's pictures here.")
+    assert text["5436472501"] == "Eye-Fiからアップロードされました"  # a tag between words of a script without spaces
+    assert "Estrada Vimioso<->Miranda" in text["2695492697"]  # "<->" is text, not a tag
+    assert text["2695492697"].startswith("(Galerida cristata)")  # <i> inside the brackets
+
+
+def test_yfcc_tag_stripping_on_real_format_rows(tmp_path):
+    """Real rows with their title and description replaced, encoded as the dataset encodes them
+    (quote_plus: '+' for a space, %3C for '<'; 1,997 of the sample's 2,000 text fields round-trip so)."""
+    from urllib.parse import quote_plus
+
+    template = real_yfcc_lines("89467346")["89467346"].split("\t")
+    descriptions = {
+        "1": 'The <a href="http://x.example/" rel="nofollow">old mill</a>, seen from the bridge!',  # before ","
+        "2": "A wa<b>t</b>erfall in the <i>Black</i>Forest hills",  # inside a word / joining two words
+        "3": "Tom &amp; Jerry &quot;live&quot; at the &lt;b&gt;old&lt;/b&gt; theatre",  # entities: text
+        "4": "Sunset over the bay <A HREF='http://x'>(more)</A>.\nTaken <br/>from the pier",  # caps, newline
+        "5": "I <3 the view when 2 < 3 > 1 here",  # no tag name after "<": text
+        "6": '<a\nhref="http://x.example/">Multi line tag</a> on a long walk',  # a tag spanning a line break
+    }
+    lines = []
+    for pid, description in descriptions.items():
+        fields = list(template)
+        fields[1], fields[8], fields[9] = pid, quote_plus("Some title here"), quote_plus(description)
+        lines.append("\t".join(fields))
+    path = tmp_path / "yfcc100m_dataset"
+    path.write_text("\n".join(lines) + "\n")
+    rows, rejects = read("yfcc100m", [path])
+    assert not rejects
+    assert {r["key"].removeprefix("yfcc_"): r["captions"][0] for r in rows} == {
+        "1": "The old mill, seen from the bridge!",
+        "2": "A waterfall in the BlackForest hills",
+        "3": "Tom &amp; Jerry &quot;live&quot; at the &lt;b&gt;old&lt;/b&gt; theatre",
+        "4": "Sunset over the bay (more). Taken from the pier",
+        "5": "I <3 the view when 2 < 3 > 1 here",
+        "6": "Multi line tag on a long walk",
+    }
+    assert [yfcc_naive.clean(quote_plus(d)) for d in descriptions.values()] == [r["captions"][0] for r in rows]
+
+
 def test_yfcc_rules_on_a_fixture(tmp_path):
     from benchmarks.yfcc_naive import decide
     from pmd_pipeline.embedded.make_bundle import yfcc_row
