@@ -11,7 +11,7 @@ from langdetect.lang_detect_exception import LangDetectException
 
 DetectorFactory.seed = 0
 
-TAG = re.compile(r"<[^>]*>")
+TAG = re.compile(r"</?[A-Za-z][^>]*>")  # an HTML tag starts with its name; "<->" and "<3" are text
 SPACE = re.compile(r"\s+")
 DATE_TIME_ONLY = re.compile(r"^[\d\s:./\-_,]*\d[\d\s:./\-_,]*$")
 ORDINARY = re.compile(r"[\w\s.,;:!?'\"()&%$€£/+\-]")
@@ -19,7 +19,7 @@ BROKEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
 
 
 def clean(field: str) -> str:
-    return SPACE.sub(" ", TAG.sub(" ", unquote_plus(field))).strip()
+    return SPACE.sub(" ", TAG.sub("", unquote_plus(field))).strip()  # a tag leaves nothing in its place
 
 
 def english(text: str) -> bool:

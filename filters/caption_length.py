@@ -1,4 +1,5 @@
-"""Caption length: keep captions with more than two words (PMD's rule), counted on whitespace."""
+"""Caption length, counted on whitespace: by default more than two words (YFCC's rule in PMD); with
+`min_words = 1` it drops only empty captions (the global default chain, pmd_pipeline/config.py)."""
 
 from __future__ import annotations
 

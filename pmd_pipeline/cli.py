@@ -230,13 +230,15 @@ def _say_tokens(manifest: dict, out) -> None:
 @app.command()
 def sources() -> None:
     """List every registered source: raw files, images, rules, licence, the paper's counts, where it is published."""
-    from sources import REGISTRY
+    from sources import REGISTRY, paper_group_members, paper_total
     from sources.published import MANUAL_STEPS, PUBLISHED
 
     out = Console()
     for name, source in sorted(REGISTRY.items()):
         i = source.info
         paper = f"{i.paper_pairs:g}M pairs, {i.paper_avg_words:g} words/caption in FLAVA's Table 2"
+        if i.paper_group:
+            paper += f" (for the {len(paper_group_members(i.paper_group))} {i.paper_group} subsets together)"
         out.print(f"[bold]{name}[/]  {i.title}: {paper}")
         for label, value in (
             ("raw files", i.raw_files),
@@ -247,6 +249,12 @@ def sources() -> None:
             *([("manual", MANUAL_STEPS[name])] if name in MANUAL_STEPS else []),
         ):
             out.print(f"  {label:10} {value}", highlight=False)
+    total = paper_total(REGISTRY)
+    out.print(
+        f"[bold]total[/]  PMD in FLAVA's Table 2: {total['pairs_millions']:g}M pairs "
+        "(each figure counted once: the Localized Narratives subsets share one)",
+        highlight=False,
+    )
 
 
 @app.command()

@@ -32,6 +32,15 @@ class FilterConfig:
     params: dict[Text, Any] = field(default_factory=dict)  # checked by the filter itself (filters.build_filters)
 
 
+def non_empty_filters() -> list[FilterConfig]:
+    """The global chain when the config names none: drop empty captions only (at least one word).
+
+    PMD's text filters (English, more than two words) are YFCC's rule, and YFCC keeps them as its own
+    chain (sources/yfcc100m.py); every other source keeps every non-empty caption it yields unless the
+    config adds filters, globally (`[[filters]]`) or per source (`[sources.NAME] filters`)."""
+    return [FilterConfig("caption_length", {"min_words": 1})]
+
+
 @dataclass
 class SourceConfig:
     name: Text
@@ -105,7 +114,8 @@ class BuildConfig:
     out: Annotated[str, Strict(), Field(min_length=1)] = "pmd_out"
     shard_size: AtLeastOne = 1000
     sources: list[SourceConfig] = field(default_factory=list)
-    filters: list[FilterConfig] = field(default_factory=lambda: [FilterConfig("caption_length")])
+    # Sources without a chain of their own (all but yfcc100m, visual_genome, wit, imagenet) run this one.
+    filters: list[FilterConfig] = field(default_factory=non_empty_filters)
     image: ImageConfig = field(default_factory=ImageConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -22,6 +22,7 @@ from pmd_pipeline.config import (
     SourceConfig,
     TokenizeConfig,
     checked,
+    non_empty_filters,
     shown_value,
 )
 from pmd_pipeline.errors import PmdError
@@ -44,7 +45,7 @@ def config_from_dict(raw: dict, base_dir: Path) -> BuildConfig:
     """A checked BuildConfig from TOML data (or the saved OUT/config.json); paths resolved from base_dir."""
     raw = dict(raw)
     sources = [_source_from(name, spec, base_dir) for name, spec in _table(raw.pop("sources", {}), "sources").items()]
-    filters = _filters_from(raw.pop("filters", [{"name": "caption_length"}]), "filters")
+    filters = _filters_from(raw.pop("filters"), "filters") if "filters" in raw else non_empty_filters()
     sections = {name: _section(cls, raw.pop(name, {}), name) for name, cls in _SECTIONS.items()}
     cfg = _build(BuildConfig, raw, "", sources=sources, filters=filters, **sections)
     cfg.out = _resolve(cfg.out, base_dir)

@@ -103,7 +103,7 @@ def _plan_one(cfg: BuildConfig, source_cfg: SourceConfig, policy: WebPolicy, siz
         files.append({"path": path, "bytes": sizes[path]})
     counted = _count(cfg, source, source_cfg, sample_rows) if _metadata_readable(source_cfg) else None
     if counted is None:  # remote metadata: the paper's count (the pipeline keeps what the paper kept)
-        pairs = round(source.info.paper_pairs * 1e6)
+        pairs = round(source.info.paper_pairs * 1e6 / _sharing(source.info))
         samples = pairs or UNIMODAL_SAMPLES.get(source_cfg.name, 0)
         images_from = "local archives" if source_cfg.images else "URLs"
         counted = {"rows": None, "planned": samples, "estimate": "paper", "pairs": pairs, "samples": samples}
@@ -121,6 +121,13 @@ def _plan_one(cfg: BuildConfig, source_cfg: SourceConfig, policy: WebPolicy, siz
         "output_bytes": image_samples * BYTES_PER_IMAGE_SAMPLE + (samples - image_samples) * BYTES_PER_TEXT_SAMPLE,
         "images_from": counted["images_from"],
     }
+
+
+def _sharing(info) -> int:
+    """Sources that share one paper figure (Localized Narratives' four subsets): each gets an even part."""
+    from sources import paper_group_members
+
+    return len(paper_group_members(info.paper_group)) if info.paper_group else 1
 
 
 def input_files(source_cfg: SourceConfig) -> list[str]:

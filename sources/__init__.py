@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from pmd_pipeline.errors import PmdError
 from sources import (
     coco,
@@ -41,3 +43,24 @@ def get_source(name: str) -> Source:
         return REGISTRY[name]
     except KeyError:
         raise PmdError(f"unknown source {name!r}; valid sources: {', '.join(sorted(REGISTRY))}") from None
+
+
+def paper_total(names: Iterable[str]) -> dict | None:
+    """FLAVA Table 2's pairs (millions) and pairs-weighted mean words over these sources, each figure counted
+    once: Localized Narratives' subsets share one figure (`paper_group`), so its 1.9M counts once however
+    many subsets are named. None when no named source is in the table (unimodal or unknown ones only)."""
+    figures = {}
+    for name in names:
+        source = REGISTRY.get(name)
+        if source is not None and source.info.paper_pairs:
+            figures[source.info.paper_group or name] = (source.info.paper_pairs, source.info.paper_avg_words)
+    if not figures:
+        return None
+    pairs = sum(p for p, _ in figures.values())
+    words = sum(p * w for p, w in figures.values()) / pairs
+    return {"pairs_millions": round(pairs, 2), "mean_words": round(words, 2)}
+
+
+def paper_group_members(group: str) -> list[str]:
+    """The registered sources that share one figure of the paper's table (e.g. the four LN subsets)."""
+    return [name for name, source in REGISTRY.items() if source.info.paper_group == group]

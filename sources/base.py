@@ -74,6 +74,9 @@ class SourceInfo:
     license: str
     paper_pairs: float  # millions of pairs in FLAVA's Table 2 (0 for unimodal sources)
     paper_avg_words: float
+    # Sources the table gives one figure for together (Localized Narratives' four subsets): every member
+    # carries the group's figure, and a total counts it once however many members are configured.
+    paper_group: str = ""
 
 
 @dataclass
@@ -111,7 +114,8 @@ class Source:
     info: SourceInfo
     read: Callable[[SourceConfig, RejectLog], Iterator[pl.DataFrame]]
     repeats_keys: bool = False  # True when one image can appear on several raw rows (merge their captions)
-    # The caption filters this source's rule names; None: the build's global `filters` list.
+    # The caption filters this source's rule names; None: the build's global `filters` list (by default
+    # only empty captions are dropped: PMD's text filters are YFCC's, which declares them here).
     default_filters: tuple[FilterConfig, ...] | None = None
     needs_metadata: bool = True  # False for sources read from their images alone (an image folder)
     # Every `options` key the source reads, with its type (pmd_pipeline.config's annotated types); the

@@ -151,8 +151,9 @@ def _source(subset: str) -> Source:
         rules="narrative split into sentences on '.', each sentence one pair; one sample per image"
         + ("; drop Karpathy val/test COCO ids" if contamination else ""),
         license=LICENSE,
-        paper_pairs=1.9,  # the paper gives the four subsets together
+        paper_pairs=1.9,  # the paper gives the four subsets together: one figure, counted once in a total
         paper_avg_words=13.8,
+        paper_group="localized_narratives",
     )
     read = make_reader(subset, image_of, contamination)
     return Source(info=info, read=read, repeats_keys=True, options=OPTIONS.get(subset, {}))

@@ -1,9 +1,10 @@
 """YFCC100M: the 25-column headerless TSV `yfcc100m_dataset`, streamed in chunks and cleaned column-wise.
 
 Rule (FLAVA; the public port): photos only (marker 0); title and description are URL-decoded
-(`unquote_plus`), HTML tags stripped, whitespace collapsed; the description is the caption if it
-passes the filters, else the title (caption_mode first_passing). The filters are the source's own
-default chain: more than two words, not a date/time only, no odd characters, English (langdetect).
+(`unquote_plus`), HTML tags removed (nothing in their place), whitespace collapsed; the description is
+the caption if it passes the filters, else the title (caption_mode first_passing). The filters are the
+source's own default chain: more than two words, not a date/time only, no odd characters, English
+(langdetect). PMD text-filters no other source (pmd_pipeline/config.py non_empty_filters).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ INFO = SourceInfo(
     raw_files="yfcc100m_dataset (headerless 25-column TSV, URL-encoded text)",
     images_from="Flickr URLs (img2dataset)",
     rules=(
-        "photos only; unquote_plus, strip HTML, collapse whitespace; description if it passes the filters, "
+        "photos only; unquote_plus, remove HTML tags (nothing in their place), collapse whitespace; "
+        "description if it passes the filters, "
         "else title; filters: >2 words, not date/time only, no odd characters, English (langdetect, seeded)"
     ),
     license="each photo's Creative Commons licence (in the row); Yahoo Webscope terms",
@@ -86,10 +88,20 @@ def yfcc_key(photo_id: str) -> str:
     return make_key("yfcc", photo_id)
 
 
+# An HTML tag: "<" (or "</") right before a letter, up to the next ">". Text such as "Vimioso<->Miranda",
+# "I <3 NY" or "a < b" has no tag name there and stays. Entities (&amp;) are text: the rule does not decode
+# them, so an entity-encoded tag (&lt;b&gt;) is never taken for a tag.
+HTML_TAG = r"</?[A-Za-z][^>]*>"
+
+
 def clean_text(encoded: pl.Series) -> pl.Series:
-    """URL-decode (`+` is a space, `%0A` a newline), strip HTML tags, collapse whitespace."""
+    """URL-decode (`+` is a space, `%0A` a newline), strip HTML tags, collapse whitespace.
+
+    A tag is removed with nothing in its place, as the published cleaning does: `<a href=..>Hyro</a>'s
+    office` is "Hyro's office" and `<i>Trekking Asia</i>.` is "Trekking Asia.", never "Hyro 's" or
+    "Asia ."; a tag inside a word (`wa<b>t</b>er`) leaves the word whole."""
     decoded = pl.Series([unquote_plus(t) if t else "" for t in encoded], dtype=pl.Utf8)
-    return decoded.str.replace_all(r"<[^>]*>", " ").str.replace_all(r"\s+", " ").str.strip_chars()
+    return decoded.str.replace_all(HTML_TAG, "").str.replace_all(r"\s+", " ").str.strip_chars()
 
 
 def candidates(lines: pl.Series, file_lines: pl.Series) -> pl.DataFrame:

@@ -87,6 +87,9 @@ def test_sources_lists_every_registered_source():
     assert result.exit_code == 0
     for name in REGISTRY:
         assert name in result.output
+    text = " ".join(result.output.split())  # rich may wrap long lines
+    assert text.count("1.9M pairs") == 4 and text.count("for the 4 localized_narratives subsets together") == 4
+    assert "PMD in FLAVA's Table 2: 70M pairs" in text  # LN's figure counted once, not 75.7M
 
 
 def test_stats_json_matches_the_shard_files(embedded_build):
@@ -95,9 +98,9 @@ def test_stats_json_matches_the_shard_files(embedded_build):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     cc3m = report["sources"]["conceptual_captions"]
-    assert (cc3m["rows_in"], cc3m["samples_written"], cc3m["rejected_raw_records"]) == (201, 183, 1)
+    assert (cc3m["rows_in"], cc3m["samples_written"], cc3m["rejected_raw_records"]) == (201, 191, 1)
     assert cc3m["rows_failed"] == {"http_404": 6, "decode_error": 3, "url_scheme_not_allowed": 1}
-    assert cc3m["samples_written"] + report["sources"]["coco"]["samples_written"] == 238
+    assert cc3m["samples_written"] + report["sources"]["coco"]["samples_written"] == 246
     manifest = json.loads((out / "manifest.json").read_text())
     assert report["total"]["samples_written"] == manifest["totals"]["samples_written"]
     assert report["total"]["pairs_written"] == sum(s["pairs_written"] for s in report["sources"].values())

@@ -15,8 +15,10 @@ from PIL import Image
 
 from benchmarks import yfcc_naive
 from filters import apply_filters, build_filters
-from pmd_pipeline.config import FilterConfig, SourceConfig
+from pmd_pipeline.config import BuildConfig, FilterConfig, SourceConfig
+from pmd_pipeline.config_file import load_config
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.process import filter_chain
 from sources import REGISTRY, get_source
 from sources.base import RejectLog, candidates_frame
 from sources.localized_narratives import split_sentences
@@ -33,11 +35,11 @@ def read(name: str, metadata=(), images=None, options=None):
     return rows, rejects
 
 
-def decided(name: str, rows: list[dict]) -> pl.DataFrame:
-    """The rows after the source's filter chain (its own default, else the global caption_length)."""
-    chain = get_source(name).default_filters
-    filters = list(chain) if chain is not None else [FilterConfig("caption_length")]
-    return apply_filters(candidates_frame(rows), build_filters(filters))
+def decided(name: str, rows: list[dict], cfg: BuildConfig | None = None) -> pl.DataFrame:
+    """The rows after the chain a build runs for the source: its own, else the config's global one (by
+    default only empty captions are dropped)."""
+    cfg = cfg or BuildConfig(sources=[SourceConfig(name)])
+    return apply_filters(candidates_frame(rows), build_filters(filter_chain(cfg, name)))
 
 
 def test_every_registered_source_has_its_table_facts():
@@ -96,6 +98,54 @@ def test_redcaps_with_info_block_and_a_broken_record(tmp_path):
     assert [(r.line, r.reason) for r in rejects.rejects] == [(2, "bad_record:missing_field")]
 
 
+def test_redcaps_real_two_word_captions_are_kept(tmp_path):
+    """PMD's text filters are YFCC's: RedCaps keeps "vintage toys" and "gas station" (119 of the 1,000 real
+    r/abandoned captions have one or two words; the old global more-than-two-words filter dropped them)."""
+    template = json.loads(realdata("redcaps", "annotations", "abandoned_2017.json").read_text())["annotations"][0]
+    site = json.loads(realdata("redcaps", "explore", "abandoned.json").read_text())  # [id, file, permalink, caption]
+    annotations = [
+        template | {"image_id": i, "url": f"https://i.redd.it/{file}", "raw_caption": text, "caption": text.lower()}
+        for i, file, _, text in site
+    ]
+    path = tmp_path / "abandoned_2020.json"  # the release's layout: {info, annotations}
+    path.write_text(json.dumps({"info": {"version": "1.0"}, "annotations": annotations}))
+    rows, rejects = read("red_caps", [path])
+    assert len(rows) == 1000 and not rejects
+    out = {r["key"]: r for r in decided("red_caps", rows).iter_rows(named=True)}
+    decisions = [(r["captions"][0], out[r["key"]]) for r in rows]
+    short = [(text, row) for text, row in decisions if 0 < len(text.split()) <= 2]
+    assert len(short) == 119 and {"vintage toys", "gas station", "buttons"} <= {text for text, _ in short}
+    assert all(row["kept_captions"] == [text] and row["reason"] is None for text, row in short)
+    dropped = [(text, row["reason"]) for text, row in decisions if row["reason"] is not None]
+    assert dropped == [("", "too_few_words")]  # the one empty caption is the only drop
+
+
+def test_only_yfcc_runs_the_text_filters_and_a_global_list_replaces_the_default(tmp_path):
+    """Without `[[filters]]` every source but YFCC keeps every non-empty caption; a global list written in
+    the config runs on the sources without a chain of their own (YFCC, VG and WIT keep theirs); a source's
+    `filters` replaces its chain, YFCC's included."""
+    other = ["coco", "sbu_captions", "conceptual_captions", "conceptual_12m", "red_caps", "text_corpus"]
+    other += [n for n in REGISTRY if n.startswith("localized_narratives__")]
+    own = ["yfcc100m", "visual_genome", "wit"]
+    non_empty = [FilterConfig("caption_length", {"min_words": 1})]
+
+    def chains(toml: str, yfcc_filters: str = "") -> dict:
+        tables = "".join(f"\n[sources.{n}]\nenabled = false\n" for n in other + own)
+        path = tmp_path / "c.toml"
+        path.write_text(toml + tables.replace("[sources.yfcc100m]\n", f"[sources.yfcc100m]\n{yfcc_filters}"))
+        cfg = load_config(path)
+        return {n: filter_chain(cfg, n) for n in other + own}
+
+    default = chains("")
+    assert all(default[n] == non_empty for n in other), {n: default[n] for n in other}
+    assert default["yfcc100m"] == list(get_source("yfcc100m").default_filters)
+    assert default["visual_genome"] == non_empty and default["wit"] == []  # their own rules
+    written = chains('[[filters]]\nname = "caption_length"\n')  # the old default, written out: still honoured
+    assert all(written[n] == [FilterConfig("caption_length")] for n in other)
+    assert {n: written[n] for n in own} == {n: default[n] for n in own}
+    assert chains("", 'filters = [{ name = "english" }]\n')["yfcc100m"] == [FilterConfig("english")]
+
+
 # --- YFCC100M ---------------------------------------------------------------------------------------
 
 
@@ -121,6 +171,51 @@ def test_yfcc_real_rows_decided_row_by_row_like_the_rule_says():
     assert got["6985418911"] == (None, "too_few_words")
     assert got["10201275523"][0] == "Images from the intersection of Parliament and Queen, 2013 10 09 (3)"
     assert got["2297552664"][0].startswith("recipe here: allrecipes.com/Recipe/Denises-Peanut-Chicken")
+
+
+def test_yfcc_real_rows_tags_leave_nothing_in_their_place():
+    rows, _ = read("yfcc100m", [realdata("yfcc100m", "yfcc100m_1k.tsv")])
+    text = {r["key"].removeprefix("yfcc_"): r["captions"][0] for r in rows}  # the cleaned descriptions
+    assert text["89467346"] == "Hyro's office at Albert St, East Melbourne. Salvation Army 1901 Printing Works"
+    assert text["11512100683"] == "Follow our trip at Trekking Asia."
+    assert text["2463834526"].startswith("See Julian's pictures from the day here. See Nikki's pictures here.")
+    assert text["5436472501"] == "Eye-Fiからアップロードされました"  # a tag between words of a script without spaces
+    assert "Estrada Vimioso<->Miranda" in text["2695492697"]  # "<->" is text, not a tag
+    assert text["2695492697"].startswith("(Galerida cristata)")  # <i> inside the brackets
+
+
+def test_yfcc_tag_stripping_on_real_format_rows(tmp_path):
+    """Real rows with their title and description replaced, encoded as the dataset encodes them
+    (quote_plus: '+' for a space, %3C for '<'; 1,997 of the sample's 2,000 text fields round-trip so)."""
+    from urllib.parse import quote_plus
+
+    template = real_yfcc_lines("89467346")["89467346"].split("\t")
+    descriptions = {
+        "1": 'The <a href="http://x.example/" rel="nofollow">old mill</a>, seen from the bridge!',  # before ","
+        "2": "A wa<b>t</b>erfall in the <i>Black</i>Forest hills",  # inside a word / joining two words
+        "3": "Tom &amp; Jerry &quot;live&quot; at the &lt;b&gt;old&lt;/b&gt; theatre",  # entities: text
+        "4": "Sunset over the bay <A HREF='http://x'>(more)</A>.\nTaken <br/>from the pier",  # caps, newline
+        "5": "I <3 the view when 2 < 3 > 1 here",  # no tag name after "<": text
+        "6": '<a\nhref="http://x.example/">Multi line tag</a> on a long walk',  # a tag spanning a line break
+    }
+    lines = []
+    for pid, description in descriptions.items():
+        fields = list(template)
+        fields[1], fields[8], fields[9] = pid, quote_plus("Some title here"), quote_plus(description)
+        lines.append("\t".join(fields))
+    path = tmp_path / "yfcc100m_dataset"
+    path.write_text("\n".join(lines) + "\n")
+    rows, rejects = read("yfcc100m", [path])
+    assert not rejects
+    assert {r["key"].removeprefix("yfcc_"): r["captions"][0] for r in rows} == {
+        "1": "The old mill, seen from the bridge!",
+        "2": "A waterfall in the BlackForest hills",
+        "3": "Tom &amp; Jerry &quot;live&quot; at the &lt;b&gt;old&lt;/b&gt; theatre",
+        "4": "Sunset over the bay (more). Taken from the pier",
+        "5": "I <3 the view when 2 < 3 > 1 here",
+        "6": "Multi line tag on a long walk",
+    }
+    assert [yfcc_naive.clean(quote_plus(d)) for d in descriptions.values()] == [r["captions"][0] for r in rows]
 
 
 def test_yfcc_rules_on_a_fixture(tmp_path):
@@ -149,6 +244,25 @@ def test_yfcc_rules_on_a_fixture(tmp_path):
     assert [decide(line)[1:] for line in lines] == [
         ((r["kept_captions"] or [None])[0], r["reason"]) for r in out.iter_rows(named=True)
     ]
+
+
+def real_yfcc_lines(*photo_ids: str) -> dict[str, str]:
+    """Lines of the real 1,000-row sample, by photo id (field 2)."""
+    lines = realdata("yfcc100m", "yfcc100m_1k.tsv").read_text(encoding="utf-8").splitlines()
+    return {line.split("\t")[1]: line for line in lines if line.split("\t")[1] in photo_ids}
+
+
+def test_yfcc_real_one_word_description_falls_back_to_the_title(tmp_path):
+    """Only YFCC runs PMD's text filters, with its description-then-title fallback, under the build's
+    default config: a one-word description (a bare link's text) gives way to the title."""
+    line = real_yfcc_lines("7151485591")["7151485591"]
+    path = tmp_path / "yfcc100m_dataset"
+    path.write_text(line + "\n")
+    rows, _ = read("yfcc100m", [path])
+    assert rows[0]["captions"] == ["www.budapestdailyphoto.com", "Liberty bridge, Budapest"]
+    row = decided("yfcc100m", rows).row(0, named=True)
+    assert (row["kept_captions"], row["kept_fields"], row["reason"]) == (["Liberty bridge, Budapest"], ["title"], None)
+    assert row["caption_reasons"] == ["too_few_words", None]
 
 
 # --- WIT --------------------------------------------------------------------------------------------

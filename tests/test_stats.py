@@ -58,11 +58,29 @@ def test_paper_figures_come_from_the_registry(embedded_build):
     report = with_paper_figures(collect_stats(embedded_build[0]))
     for name, summary in report["sources"].items():
         info = REGISTRY[name].info
-        expected = {"pairs_millions": info.paper_pairs, "mean_words": info.paper_avg_words}
+        expected = {"pairs_millions": info.paper_pairs, "mean_words": info.paper_avg_words, "group": None}
+        if name.startswith("localized_narratives__"):
+            expected["group"] = "localized_narratives"
         assert summary["paper"] == (expected if info.paper_pairs else None)  # unimodal sources: not in the table
-    infos = [REGISTRY[name].info for name in report["sources"] if REGISTRY[name].info.paper_pairs]
+    # Localized Narratives' 1.9M is for its four subsets together: the three built here count it once
+    assert sum(name.startswith("localized_narratives__") for name in report["sources"]) == 3
+    infos = {(REGISTRY[n].info.paper_group or n): REGISTRY[n].info for n in report["sources"]}
+    infos = [i for i in infos.values() if i.paper_pairs]
     weighted = sum(i.paper_pairs * i.paper_avg_words for i in infos) / sum(i.paper_pairs for i in infos)
-    assert report["total"]["paper"]["mean_words"] == round(weighted, 2)
+    assert report["total"]["paper"] == {"pairs_millions": 70.0, "mean_words": round(weighted, 2)}  # not 73.8
+
+
+@pytest.mark.parametrize("subsets", [["coco"], ["coco", "openimages", "ade20k", "flickr30k"]])
+def test_localized_narratives_paper_pairs_count_once_however_many_subsets(subsets):
+    from pmd_pipeline.inspection.stats_view import with_paper_figures
+    from sources import paper_total
+
+    names = [n for n in REGISTRY if not n.startswith("localized_narratives__")]
+    names += [f"localized_narratives__{subset}" for subset in subsets]
+    report = with_paper_figures({"sources": {name: {} for name in names}, "total": {}})
+    assert report["total"]["paper"]["pairs_millions"] == 70.0  # FLAVA's Table 2: 70M (was 75.7 with all four)
+    assert paper_total(["coco", *names[-len(subsets) :]]) == {"pairs_millions": 2.8, "mean_words": 13.35}
+    assert paper_total(["imagenet", "text_corpus"]) is None
 
 
 def test_tokens_are_summarised_from_the_sidecars(tokenized):
@@ -134,6 +152,9 @@ def test_cli_table_shows_paper_figures_and_codebook(tokenized):
     assert result.exit_code == 0, result.output
     assert "paper pairs" in result.stdout and "0.9M" in result.stdout and "3.1M" in result.stdout
     assert "12.4" in result.stdout and "10.3" in result.stdout  # the paper's mean words for COCO and CC3M
+    total = next(line for line in result.stdout.splitlines() if line.strip("│ ").startswith("total"))
+    assert " 70M " in total and "73.8M" not in result.stdout  # LN's 1.9M counted once, not per subset
+    assert result.stdout.count("1.9M*") == 3 and "one figure for its 4 subsets together" in result.stdout
     assert "RANDOM" in result.stdout and "100%" in result.stdout
     assert "test tokens from a random generator" in result.stdout  # the manifest's note
 

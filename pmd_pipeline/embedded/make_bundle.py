@@ -34,7 +34,7 @@ def make_cc3m(rng: random.Random, images: list[str]) -> str:
     lines = []
     for i in range(200):
         url = f"https://img{i % 3}.cc3m-sample.invalid/photos/{i:04d}.jpg"
-        text = caption(rng) if i % 25 else rng.choice(["sunset", "my dog"])  # 8 too short
+        text = caption(rng) if i % 25 else rng.choice(["sunset", "my dog"])  # 8 short: kept (only YFCC is filtered)
         lines.append(f"{text}\t{url}")
         kind = "missing" if i % 33 == 7 else "html" if i % 97 == 5 else "jpg"
         if kind != "missing":
@@ -55,7 +55,7 @@ def make_coco(rng: random.Random, images: list[str]) -> str:
         filename = f"COCO_{folder}_{cocoid:012d}.jpg"
         texts = [caption(rng) for _ in range(5)]
         if i % 7 == 0:
-            texts[4] = "two words"
+            texts[4] = "two words"  # kept: PMD text-filters only YFCC
         sentences = [{"tokens": t.split(), "raw": t, "imgid": i, "sentid": i * 5 + j} for j, t in enumerate(texts)]
         entries.append(
             {
@@ -89,7 +89,7 @@ def make_sbu(rng: random.Random, images: list[str]) -> str:
     for i, url in enumerate(urls):
         if i % 11 != 4:  # a few dead links
             mirror(images, url)
-    captions = [caption(rng) if i % 9 else "me" for i in range(30)]
+    captions = [caption(rng) if i % 9 else "me" for i in range(30)]  # "me": one word, kept
     return json.dumps({"image_urls": urls, "user_ids": [f"{i}@N0{i % 9}" for i in range(30)], "captions": captions})
 
 

@@ -33,6 +33,8 @@ def run_stats(
         console = console_for(*tables)
         for table in tables:
             console.print(table)
+        for note in _shared_figure_notes(report):
+            console.print(note, style="dim", highlight=False)
         console.print(_sampling_note(report), style="dim", highlight=False)
         if report["manifest_tokens"]:
             tokens = report["manifest_tokens"]
@@ -48,31 +50,28 @@ def run_stats(
 
 
 def with_paper_figures(report: dict) -> dict:
-    """The build's counts beside FLAVA Table 2's pairs and mean words, per source and in total."""
+    """The build's counts beside FLAVA Table 2's pairs and mean words, per source and in total.
+
+    The total counts each figure of the table once: Localized Narratives' subsets each show the 1.9M the
+    paper gives for all four together (`group` names it), and the total adds it once (70M for all of PMD)."""
+    from sources import paper_total
+
     for name, summary in report["sources"].items():
         summary["paper"] = paper_figures(name)
-    report["total"]["paper"] = _paper_total([s["paper"] for s in report["sources"].values()])
+    report["total"]["paper"] = paper_total(report["sources"])
     return report
 
 
 def paper_figures(name: str) -> dict | None:
-    """FLAVA Table 2's pairs and mean words for a registered PMD source (None for unimodal or unknown ones)."""
+    """FLAVA Table 2's pairs and mean words for a registered PMD source (None for unimodal or unknown ones);
+    `group`: the sources the figure is for together (LN's subsets), else None."""
     from sources import REGISTRY
 
     source = REGISTRY.get(name)
     if source is None or not source.info.paper_pairs:
         return None
-    return {"pairs_millions": source.info.paper_pairs, "mean_words": source.info.paper_avg_words}
-
-
-def _paper_total(figures: list[dict | None]) -> dict | None:
-    """The paper's total over the sources of this build: pairs add up, mean words weighted by pairs."""
-    known = [f for f in figures if f]
-    if not known:
-        return None
-    pairs = sum(f["pairs_millions"] for f in known)
-    words = sum(f["pairs_millions"] * f["mean_words"] for f in known) / pairs
-    return {"pairs_millions": round(pairs, 2), "mean_words": round(words, 2)}
+    info = source.info
+    return {"pairs_millions": info.paper_pairs, "mean_words": info.paper_avg_words, "group": info.paper_group or None}
 
 
 def public_report(report: dict) -> dict:
@@ -109,7 +108,7 @@ def counts_table(report: dict) -> Table:
             f"{s['rejected_raw_records']:,}",
             f"{s['samples_written']:,}",
             f"{s['pairs_written']:,}",
-            f"{paper['pairs_millions']:g}M" if paper else "-",
+            _paper_pairs(paper),
             f"{s['fetch_success_rate']:.1%}" if s["fetch_success_rate"] is not None else "-",
             _top(s["rows_failed"]),
             _top(s["rows_dropped"]),
@@ -141,6 +140,24 @@ def content_table(report: dict) -> Table:
             end_section=name == list(report["sources"])[-1],
         )
     return table
+
+
+def _paper_pairs(paper: dict | None) -> str:
+    if not paper:
+        return "-"
+    return f"{paper['pairs_millions']:g}M" + ("*" if paper.get("group") else "")
+
+
+def _shared_figure_notes(report: dict) -> list[str]:
+    """One line per figure the paper gives for several sources together, as the `*` in the table."""
+    from sources import paper_group_members
+
+    groups = sorted({s["paper"]["group"] for s in report["sources"].values() if s["paper"] and s["paper"]["group"]})
+    return [
+        f"* paper pairs of {group}: one figure for its {len(paper_group_members(group))} subsets together, "
+        "counted once in the total"
+        for group in groups
+    ]
 
 
 def _sampling_note(report: dict) -> str:
