@@ -13,6 +13,7 @@ from pathlib import Path
 import tomllib
 
 from filters import build_filters
+from pmd_pipeline.archive_members import SEPARATOR, split_member
 from pmd_pipeline.config import (
     BuildConfig,
     FetchConfig,
@@ -129,7 +130,11 @@ def _build(cls, values: dict, section: str, **extra):
 
 
 def _resolve(p: str, base_dir: Path) -> str:
-    """A local path made absolute from the config's folder; a URL (s3://, gs://, https://, ...) as written."""
+    """A local path made absolute from the config's folder; a URL (s3://, gs://, https://, ...) as written.
+
+    In `archive::member` only the archive is a path: the member is a name inside it, kept as written."""
+    if parts := split_member(p):
+        return f"{_resolve(parts[0], base_dir)}{SEPARATOR}{parts[1]}"
     if "://" in p and not p.startswith("file://"):
         return p
     path = Path(p.removeprefix("file://")).expanduser()

@@ -12,9 +12,9 @@ from typing import Any
 
 import polars as pl
 
+from pmd_pipeline.archive_members import MemberPath, metadata_files
 from pmd_pipeline.config import FilterConfig, SourceConfig, checked
 from pmd_pipeline.errors import PmdError
-from pmd_pipeline.storage import as_path
 
 # One candidate row per unique image (after cropping). `captions[i]` came from `caption_fields[i]`.
 # caption_mode "all": every caption that passes the filters is kept.
@@ -138,14 +138,16 @@ def candidates_frame(rows: list[dict]) -> pl.DataFrame:
     return pl.DataFrame(columns, schema=CANDIDATE_SCHEMA)
 
 
-def require_files(cfg: SourceConfig, minimum: int = 1) -> list[Path]:
-    """The source's metadata files, or a one-line error that names the missing one."""
-    paths = [as_path(p) for p in cfg.metadata]  # local files, or objects in a bucket (any fsspec URL)
+def require_files(cfg: SourceConfig, minimum: int = 1) -> list[Path | MemberPath]:
+    """The source's metadata files, or a one-line error that names the missing one.
+
+    Each entry is a local file or an object in a bucket (any fsspec URL), or a member of an archive read in
+    place: `caption_datasets.zip::dataset_coco.json`, or a glob over members that stands for every match in
+    name order (`redcaps_v1.0_annotations.zip::annotations/*.json`). A missing archive, a missing member and a
+    glob that matches nothing are refused here, before any work."""
+    paths = [p for entry in cfg.metadata for p in metadata_files(entry, f"source {cfg.name}")]
     if len(paths) < minimum:
         raise PmdError(f"source {cfg.name}: set `metadata` to its raw metadata file(s) in the config")
-    for p in paths:
-        if not p.is_file():
-            raise PmdError(f"source {cfg.name}: metadata file not found: {p}")
     return paths
 
 

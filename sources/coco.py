@@ -17,7 +17,8 @@ from sources.rawio import load_json
 INFO = SourceInfo(
     name="coco",
     title="COCO",
-    raw_files="dataset_coco.json (Karpathy split) or captions_{train,val}{2014,2017}.json",
+    raw_files="dataset_coco.json (Karpathy split; read in its zip as caption_datasets.zip::dataset_coco.json) "
+    "or captions_{train,val}{2014,2017}.json (annotations_trainval2014.zip::annotations/captions_train2014.json)",
     images_from="local COCO zips (train2014.zip, val2014.zip, or 2017)",
     rules="Karpathy: splits train + restval only, text = sentence `raw`; one sample per image, all sentences",
     license="annotations CC BY 4.0; images: their Flickr licences",
@@ -31,7 +32,9 @@ _ROLE_IN_NAME = re.compile(r"(train|val|test)(2014|2015|2017)")
 
 def read(cfg: SourceConfig, rejects: RejectLog) -> Iterator[pl.DataFrame]:
     for path in require_files(cfg):
-        doc = load_json(path, cfg.name)
+        doc = load_json(path, cfg.name, rejects)
+        if doc is None:  # a damaged compressed file: one reject, the other files are still read
+            continue
         if _is_karpathy(doc):
             yield candidates_frame(list(_karpathy_rows(doc, cfg, path, rejects)))
         elif _is_official(doc):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from pmd_pipeline.archive_members import metadata_files
 from pmd_pipeline.config import Flag, SourceConfig, Text
 from pmd_pipeline.errors import PmdError
-from pmd_pipeline.storage import as_path
 from sources.rawio import load_json
 
 EVAL_SPLITS = ("val", "test")
@@ -24,7 +24,8 @@ def contamination_ids(cfg: SourceConfig) -> frozenset[int]:
     path = cfg.options.get("karpathy_split_file")
     if not path:
         raise PmdError(
-            f"source {cfg.name}: set options.karpathy_split_file to dataset_coco.json (the contamination rule drops "
+            f"source {cfg.name}: set options.karpathy_split_file to dataset_coco.json, or to "
+            "caption_datasets.zip::dataset_coco.json to read it in its zip (the contamination rule drops "
             "images in Karpathy's val/test splits), or options.contamination_check = false to skip the rule"
         )
     return _eval_ids(path, cfg.name)  # resolved when the config was read (a local path or a URL)
@@ -32,9 +33,10 @@ def contamination_ids(cfg: SourceConfig) -> frozenset[int]:
 
 @lru_cache(maxsize=4)
 def _eval_ids(path: str, source: str) -> frozenset[int]:
-    if not as_path(path).is_file():
-        raise PmdError(f"source {source}: karpathy_split_file not found: {path}")
-    doc = load_json(as_path(path), source)
+    files = metadata_files(path, f"source {source}: karpathy_split_file")  # a file, or a member of its zip
+    if len(files) != 1:
+        raise PmdError(f"source {source}: karpathy_split_file names {len(files)} files ({path}); it is one file")
+    doc = load_json(files[0], source)
     try:
         return frozenset(int(img["cocoid"]) for img in doc["images"] if img["split"] in EVAL_SPLITS)
     except (KeyError, TypeError, ValueError):

@@ -1,4 +1,9 @@
-"""Readers shared by sources: streaming JSON arrays, gzip-aware opening, whole small JSON documents."""
+"""Readers shared by sources: streaming JSON arrays, gzip-aware opening, whole small JSON documents.
+
+A metadata file is a local path, an object in a bucket, or a member of an archive read in place
+(`caption_datasets.zip::dataset_coco.json`, a MemberPath from pmd_pipeline.archive_members): all three are
+opened by open_binary and streamed, and reject logs name a member `archive::member`.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +14,19 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from pmd_pipeline.archive_members import DAMAGED, MemberPath, metadata_path
 from pmd_pipeline.errors import PmdError
-from pmd_pipeline.storage import as_path
 from sources.base import RejectLog
 
 CHUNK_CHARS = 1 << 20
-# What a damaged gzip stream raises part-way through: the records before it are kept, the rest is one reject.
-CORRUPT_STREAM = (EOFError, zlib.error, gzip.BadGzipFile)
+# What a damaged compressed stream raises part-way through: a gzip's, a zip member's (a bad CRC, a broken deflate
+# stream), a tar's. The records before it are kept, the rest is one reject.
+CORRUPT_STREAM = (EOFError, zlib.error, gzip.BadGzipFile, *DAMAGED)
+WHOLE_FILE = 0  # the line of a reject about a whole document (a JSON file read at once)
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
-def numbered_lines(path: Path, rejects: RejectLog) -> Iterator[tuple[int, bytes]]:
+def numbered_lines(path: Path | MemberPath, rejects: RejectLog) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, raw line) of a possibly gzipped file; a corrupt stream ends it with a reject."""
     line_no = 0
     try:
@@ -30,17 +37,27 @@ def numbered_lines(path: Path, rejects: RejectLog) -> Iterator[tuple[int, bytes]
         rejects.add(path, line_no + 1, "corrupt_compressed_stream", f"{type(err).__name__}: {err}")
 
 
-def open_binary(path: Path) -> io.BufferedIOBase:
+def open_binary(path: str | Path | MemberPath) -> io.BufferedIOBase:
     """The file's bytes, gunzipped when it is gzip (by its magic bytes, not its name: real dumps lie).
 
-    A UTF-8 byte-order mark (Windows editors and exports write one) is skipped here, for every reader:
-    kept, it became part of the first caption or URL, or hid a JSON array's `[` and a TSV header.
+    An archive member (`archive::member`) is streamed out of its archive, never read whole, and gunzipped
+    the same way when it is itself gzip. A UTF-8 byte-order mark (Windows editors and exports write one) is
+    skipped here, for every reader: kept, it became part of the first caption or URL, or hid a JSON
+    array's `[` and a TSV header.
     """
-    raw = as_path(path).open("rb")
+    path = metadata_path(path)
+    try:
+        raw = path.open("rb")
+    except DAMAGED as err:  # an archive whose directory or headers are damaged: nothing of the member can be read
+        raise PmdError(f"{path} cannot be read: a damaged archive ({type(err).__name__}: {err})") from None
     if not isinstance(raw, io.BufferedReader):  # a bucket's file object: peek needs a buffer
         raw = io.BufferedReader(raw, buffer_size=1 << 20)
     stream = raw
-    if raw.peek(2)[:2] == b"\x1f\x8b":
+    try:
+        magic = raw.peek(2)[:2]
+    except CORRUPT_STREAM:  # a damaged member: the reader's first read fails again, where it is reported as such
+        magic = b""
+    if magic == b"\x1f\x8b":
         stream = gzip.GzipFile(fileobj=raw)
         stream.myfileobj = raw  # as gzip.open does: closing the stream closes the file too
     try:
@@ -51,16 +68,27 @@ def open_binary(path: Path) -> io.BufferedIOBase:
     return stream
 
 
-def load_json(path: Path, source: str):
-    """A whole JSON document (files that are small by design: image lists, split files)."""
+def load_json(path: Path | MemberPath, source: str, rejects: RejectLog | None = None):
+    """A whole JSON document (files that are small by design: image lists, split files, annotation files).
+
+    A damaged compressed stream (a gzip, a zip member with a bad CRC, a tar) is one reject for the whole
+    file (line 0) and None when `rejects` is given: a source of many such files (RedCaps' annotations, two
+    COCO caption files) keeps the others. Without it (a lookup table: image_data.json, the Karpathy split
+    file) the source cannot go on and fails with one line."""
     try:
         with open_binary(path) as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, EOFError, OSError) as err:
+    except CORRUPT_STREAM as err:
+        said = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        if rejects is None:
+            raise PmdError(f"source {source}: {path} is damaged ({said})") from None
+        rejects.add(path, WHOLE_FILE, "corrupt_compressed_stream", said)
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise PmdError(f"source {source}: {path} is not valid JSON ({err})") from None
 
 
-def iter_json_array(path: Path, source: str, rejects: RejectLog) -> Iterator[tuple[int, object]]:
+def iter_json_array(path: Path | MemberPath, source: str, rejects: RejectLog) -> Iterator[tuple[int, object]]:
     """Yield (1-based index, element) of a top-level JSON array without loading the whole file.
 
     Multi-GB arrays (Visual Genome's region_descriptions.json) are decoded one element at a time.

@@ -1,4 +1,7 @@
-"""RedCaps: annotation files `{info, annotations: [...]}` (info may be absent); text = `raw_caption`."""
+"""RedCaps: annotation files `{info, annotations: [...]}` (info may be absent); text = `raw_caption`.
+
+Published as `redcaps_v1.0_annotations.zip`: the metadata entry `redcaps_v1.0_annotations.zip::annotations/*.json`
+reads every annotation file in the zip in place, in name order."""
 
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from sources.rawio import load_json
 INFO = SourceInfo(
     name="red_caps",
     title="RedCaps",
-    raw_files="annotations/<subreddit>_<year>.json ({info, annotations: [...]})",
+    raw_files="annotations/<subreddit>_<year>.json ({info, annotations: [...]}); every one read in its zip as "
+    "redcaps_v1.0_annotations.zip::annotations/*.json",
     images_from="Reddit / imgur URLs (img2dataset)",
     rules="text = raw_caption (not the cleaned `caption`); one sample per image_id",
     license="annotations CC BY 4.0; images: their Reddit posters'",
@@ -26,7 +30,9 @@ REQUIRED = ("image_id", "url", "raw_caption")
 
 def read(cfg: SourceConfig, rejects: RejectLog) -> Iterator[pl.DataFrame]:
     for path in require_files(cfg):
-        doc = load_json(path, cfg.name)
+        doc = load_json(path, cfg.name, rejects)
+        if doc is None:  # a damaged member or file: one reject, the other annotation files are still read
+            continue
         if not isinstance(doc, dict) or not isinstance(doc.get("annotations"), list):
             raise PmdError(f"source {cfg.name}: {path} is not a RedCaps annotation file ({{info, annotations}})")
         rows = []

@@ -1,4 +1,7 @@
-"""SBU Captions: `sbu-captions-all.json`, one object of parallel lists image_urls, user_ids, captions."""
+"""SBU Captions: `sbu-captions-all.json`, one object of parallel lists image_urls, user_ids, captions.
+
+Published as `sbu-captions-all.tar.gz`: the metadata entry `sbu-captions-all.tar.gz::sbu-captions-all.json`
+streams the member out of the tarball in place."""
 
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from sources.rawio import load_json
 INFO = SourceInfo(
     name="sbu_captions",
     title="SBU Captions",
-    raw_files="sbu-captions-all.json (object of parallel lists image_urls, user_ids, captions)",
+    raw_files="sbu-captions-all.json (object of parallel lists image_urls, user_ids, captions); read in its "
+    "tarball as sbu-captions-all.tar.gz::sbu-captions-all.json",
     images_from="Flickr URLs (img2dataset)",
     rules="caption unchanged; one sample per unique URL",
     license="research use (images: their Flickr owners')",
@@ -26,7 +30,9 @@ LISTS = ("image_urls", "user_ids", "captions")
 
 def read(cfg: SourceConfig, rejects: RejectLog, batch_rows: int = 50_000) -> Iterator[pl.DataFrame]:
     for path in require_files(cfg):
-        doc = load_json(path, cfg.name)
+        doc = load_json(path, cfg.name, rejects)
+        if doc is None:  # a damaged compressed file: one reject
+            continue
         if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list) for k in LISTS):
             raise PmdError(f"source {cfg.name}: {path} must be an object with the lists {', '.join(LISTS)}")
         urls, users, captions = (doc[k] for k in LISTS)

@@ -1,8 +1,10 @@
 """Visual Genome: region_descriptions.json (v1.2 `region_id/image_id`, or v1.0 `id/image`) joined with
 image_data.json; one sample per region box, the image cropped to it, text = the phrase (stripped).
 
-The regions file is GBs: it is streamed one image element at a time. Regions of one image with the
-same box are one sample holding all their phrases (one sample per unique image after cropping).
+The regions file is 700 MB: it is streamed one image element at a time, out of its published zip in place
+(`region_descriptions.json.zip::region_descriptions.json`, `image_data.json.zip::image_data.json`). Regions
+of one image with the same box are one sample holding all their phrases (one sample per unique image after
+cropping).
 Contamination rule: images whose coco_id is in Karpathy's val/test are dropped.
 """
 
@@ -22,7 +24,8 @@ from sources.rawio import iter_json_array, load_json
 INFO = SourceInfo(
     name="visual_genome",
     title="Visual Genome",
-    raw_files="region_descriptions.json (v1.2 or v1.0 layout) + image_data.json",
+    raw_files="region_descriptions.json (v1.2 or v1.0 layout) + image_data.json; read in their zips as "
+    "region_descriptions.json.zip::region_descriptions.json and image_data.json.zip::image_data.json",
     images_from="local images.zip / images2.zip (VG_100K/, VG_100K_2/), cropped to each region",
     rules="one sample per region box, image cropped to (x, y, x+w, y+h); phrase stripped; "
     "drop images whose coco_id is in Karpathy val/test",

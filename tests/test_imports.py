@@ -17,8 +17,11 @@ PACKAGES = ("pmd_pipeline", "sources", "filters", "shards")
 # What the shard format may use of pmd_pipeline: the error type, the crash points and the storage layer,
 # nothing of a stage.
 SHARDS_MAY_IMPORT = {"pmd_pipeline", "pmd_pipeline.errors", "pmd_pipeline.faults", "pmd_pipeline.storage"}
-# Sources and filters read the config's dataclasses; they never reach into a stage or the spine.
-SOURCES_MAY_IMPORT = SHARDS_MAY_IMPORT | {"pmd_pipeline.config"}
+# Sources and filters read the config's dataclasses and open archive members (`archive::member`, the storage
+# layer's one opener, which the image stage uses too); they never reach into a stage or the spine.
+SOURCES_MAY_IMPORT = SHARDS_MAY_IMPORT | {"pmd_pipeline.config", "pmd_pipeline.archive_members"}
+# What the archive opener stands on: the storage layer and the error type, so any layer may use it.
+ARCHIVE_MEMBERS_MAY_IMPORT = {"pmd_pipeline", "pmd_pipeline.errors", "pmd_pipeline.storage"}
 
 
 def module_name(path: Path) -> str:
@@ -108,6 +111,12 @@ def test_sources_and_filters_import_no_stage(graph):
     wrong = {m: sorted(t for t in targets if t.startswith("pmd_pipeline") and t not in SOURCES_MAY_IMPORT)
              for m, targets in graph.items() if m.startswith(("sources", "filters"))}  # fmt: skip
     assert {m: t for m, t in wrong.items() if t} == {}
+
+
+def test_the_archive_opener_stands_on_the_storage_layer_alone(graph):
+    assert graph["pmd_pipeline.archive_members"] <= ARCHIVE_MEMBERS_MAY_IMPORT
+    assert "pmd_pipeline.archive_members" in graph["pmd_pipeline.fetch.archives"]  # one opener, not two
+    assert "pmd_pipeline.archive_members" in graph["sources.rawio"]
 
 
 def test_only_the_cli_starts_ray():
