@@ -1,5 +1,6 @@
-"""`pmd build`: plan every source, then stream shards through Ray (fetch tasks on CPUs, dVAE tokens on an actor
-pool, each tar written once; bounded, retried, resumable), then the manifest.
+"""`pmd build`: download the files the config names by URL, plan every source, then stream shards through Ray
+(fetch tasks on CPUs, dVAE tokens on an actor pool, each tar written once; bounded, retried, resumable), then the
+manifest.
 
 Also `pmd tokenize OUT` (retokenize): the token pass alone over a finished build. Both run on the Ray instance
 the CLI started or joined.
@@ -19,7 +20,7 @@ from filters import build_filters
 from pmd_pipeline.config import BuildConfig
 from pmd_pipeline.errors import DiskFull, PmdError, StopBuild, is_disk_full
 from pmd_pipeline.faults import crash_point
-from pmd_pipeline.fetch.metadata import is_url
+from pmd_pipeline.fetch.downloads import download_all, is_url, localized
 from pmd_pipeline.manifest import write_manifest
 from pmd_pipeline.output import claim_output, save_tokenize_settings, saved_config
 from pmd_pipeline.plan import plan_source
@@ -84,7 +85,11 @@ def build(cfg: BuildConfig, on_progress: Callable[[Snapshot], None] | None = Non
 
 
 def _build(cfg: BuildConfig, result: BuildResult, counter, watch: Watch) -> None:
-    plans = _plan_sources(cfg, result, counter, watch)
+    sources = cfg.enabled_sources()
+    result.sources_failed.update(download_all(cfg, sources, counter, watch))  # before the plan: it reads them
+    # The plan reads the downloaded copies; `cfg` itself keeps the URLs (its hash, config.json, the manifest).
+    sources = [localized(cfg, s) for s in sources if s.name not in result.sources_failed]
+    plans = _plan_sources(cfg, sources, result, counter, watch)
     shards = [ShardPaths(as_path(cfg.out), p["source"], i) for p in plans for i in range(p["shards"])]
     result.shards_total = len(shards)
     todo = [s for s in shards if not s.is_done()]
@@ -163,9 +168,10 @@ def _token_pass(cfg: BuildConfig, shards, todo, force: bool, on_progress) -> lis
         ray.kill(counter)
 
 
-def _plan_sources(cfg: BuildConfig, result: BuildResult, counter, watch: Watch) -> list[dict]:
+def _plan_sources(cfg: BuildConfig, sources, result: BuildResult, counter, watch: Watch) -> list[dict]:
     """Plan every source; one whose input cannot be read fails alone, with its message, and the rest go on."""
-    sources = cfg.enabled_sources()
+    if not sources:
+        return []  # every source failed its downloads
     counter.set_totals.remote(sources=len(sources))
     counter.add.remote("plan", {})  # the stage's clock starts now
     refs = [_plan_task.remote(cfg, s, counter) for s in sources]
@@ -281,7 +287,7 @@ def validate(cfg: BuildConfig) -> None:
         local_files = [p for p in source_cfg.metadata if not is_url(p)]
         require_files(dataclasses.replace(source_cfg, metadata=local_files), minimum=_minimum_files(source_cfg, source))
         for role, archive in source_cfg.images.items():
-            if not as_path(archive).exists():
+            if not is_url(archive) and not as_path(archive).exists():  # a URL is checked when downloaded
                 raise PmdError(f"source {source_cfg.name}: image archive `{role}` not found: {archive}")
 
 

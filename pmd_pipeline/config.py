@@ -45,11 +45,14 @@ def non_empty_filters() -> list[FilterConfig]:
 class SourceConfig:
     name: Text
     metadata: list[Text] = field(default_factory=list)  # raw metadata files or http(s) URLs, read in order
-    images: dict[Text, Text] = field(default_factory=dict)  # local image archives by role (e.g. train2014)
+    images: dict[Text, Text] = field(default_factory=dict)  # image archives by role (e.g. train2014), paths or URLs
     options: dict[Text, Any] = field(default_factory=dict)  # source-specific rules, declared by the source
     enabled: Flag = True
     limit: AtLeastOne | None = None  # stop after this many candidate rows (for samples and smoke runs)
     filters: list[FilterConfig] | None = None  # None: the source's own default chain, else the global one
+    # What a downloaded file must hash to, where its publisher gives one: {URL or file name: "sha256:<hex>" or
+    # "md5:<hex>"} (pmd_pipeline.fetch.downloads). Checked when downloaded; not part of the output's hash.
+    checksums: dict[Text, Text] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,6 +83,9 @@ class FetchConfig:
     allowed_private_hosts: list[Text] = field(default_factory=list)
     mirror: Text = ""  # URL prefix replacing scheme+host: https://h/p -> {mirror}/h/p
     user_agent_token: Text = "pmd-pipeline"
+    # Files a config names by URL (metadata, image archives) downloaded at once, one Ray task each, before
+    # the plan stage (pmd_pipeline.fetch.downloads): resumed with HTTP Range, verified, once per OUT.
+    download_parallelism: AtLeastOne = 4
 
 
 @dataclass

@@ -27,6 +27,7 @@ from pmd_pipeline.config import (
     shown_value,
 )
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.fetch.downloads import check_checksums
 from sources import get_source
 
 
@@ -80,6 +81,7 @@ def _source_from(name: str, spec: dict, base_dir: Path) -> SourceConfig:
 
 def _check_options(cfg: SourceConfig) -> None:
     get_source(cfg.name).check_options(cfg)
+    check_checksums(cfg)
 
 
 def _check_filters(cfg: BuildConfig) -> None:

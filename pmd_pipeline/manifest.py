@@ -1,4 +1,5 @@
-"""OUT/manifest.json: the resolved config, its hash, package versions, per-shard counts and sha256."""
+"""OUT/manifest.json: the resolved config, its hash, package versions, per-shard counts and sha256, and the size,
+sha256 and md5 of every file the build downloaded."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pmd_pipeline.config import BuildConfig
+from pmd_pipeline.fetch.downloads import records
 from pmd_pipeline.output import content_hash
 from pmd_pipeline.storage import as_path
 from shards.files import atomic_write_json
@@ -44,6 +46,7 @@ def write_manifest(cfg: BuildConfig) -> dict:
         "versions": package_versions(),
         "sources": sources,
         "tokens": tokens_entry(out, sources),
+        "downloads": records(cfg),  # {URL: file under OUT, size, sha256, md5, the checksum it was checked against}
         "totals": {
             key: sum(s[key] for s in sources.values())
             for key in ("shards", "rows_in", "samples_written", "pairs_written", "rejected_raw_records")

@@ -21,10 +21,10 @@ from pmd_pipeline.storage import as_path, is_remote, list_names, local_scratch, 
 from shards.files import atomic_write_json, owned_path
 from shards.layout import (
     CONFIG_FILE,
+    DOWNLOADS_FOLDER,
     FORMAT_VERSION,
     LOCK_FILE,
     MANIFEST_FILE,
-    METADATA_FOLDER,
     REJECTS_FILE,
     WORK_FOLDER,
     finished_shards,
@@ -37,13 +37,21 @@ def content_hash(cfg: BuildConfig) -> str:
     content = {
         "format_version": FORMAT_VERSION,
         "shard_size": cfg.shard_size,
-        "sources": [dataclasses.asdict(s) for s in cfg.enabled_sources()],
+        "sources": [_source_content(s) for s in cfg.enabled_sources()],
         "filters": [dataclasses.asdict(f) for f in cfg.filters],
         "filter_chains": _filter_chains(cfg),
         "image": dataclasses.asdict(cfg.image),
     }
     blob = json.dumps(content, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _source_content(source) -> dict:
+    """A source's config as it decides content: its checksums only verify the files it names, so adding one to
+    a config (or a build made before checksums existed) keeps the output's hash."""
+    fields = dataclasses.asdict(source)
+    fields.pop("checksums", None)
+    return fields
 
 
 def _filter_chains(cfg: BuildConfig) -> dict:
@@ -151,8 +159,9 @@ def refuse_links(cfg: BuildConfig) -> None:
     """
     out = as_path(cfg.out)
     owned = [out / CONFIG_FILE, out / MANIFEST_FILE, out / LOCK_FILE, local_scratch(out, WORK_FOLDER)]
+    owned += [out / DOWNLOADS_FOLDER, local_scratch(out, DOWNLOADS_FOLDER)]
     for source in cfg.enabled_sources():
-        owned += [plan_folder(out, source.name), out / METADATA_FOLDER / source.name, out / source.name / REJECTS_FILE]
+        owned += [plan_folder(out, source.name), out / source.name / REJECTS_FILE]
     for path in owned:
         owned_path(out, path)
 

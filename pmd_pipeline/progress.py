@@ -15,18 +15,20 @@ from collections import Counter
 
 import ray
 
-STAGES = ("plan", "fetch", "tokens")
+STAGES = ("download", "plan", "fetch", "tokens")
 REPORT_EVERY_S = 0.5  # how often a task sends its counts: a few small calls a second, whatever the image rate
 
 
 @dataclasses.dataclass
 class StageCounts:
-    """One stage's counts: `shards` and `images` done (rows for the plan), `failed` images, and the first and
-    last time anything was counted (the stage's wall time, and its rate)."""
+    """One stage's counts: `shards` and `images` done (rows for the plan; files for the downloads), `failed`
+    images (files), `bytes` downloaded, and the first and last time anything was counted (the stage's wall
+    time, and its rate)."""
 
     shards: int = 0
     images: int = 0
     failed: int = 0
+    bytes: int = 0
     first: float | None = None
     last: float | None = None
 
@@ -35,6 +37,12 @@ class StageCounts:
         if self.first is None or self.images == 0:
             return 0.0
         return self.images / max(now - self.first, 1e-3)
+
+    def byte_rate(self, now: float) -> float:
+        """Bytes a second since the stage began."""
+        if self.first is None or self.bytes == 0:
+            return 0.0
+        return self.bytes / max(now - self.first, 1e-3)
 
     @property
     def seconds(self) -> float:
@@ -147,11 +155,28 @@ def _clock(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
 def stage_lines(snap: Snapshot) -> list[tuple[str, str]]:
     """(stage, what it has done) for every stage of this run, in flow order."""
     shards = snap.totals.get("shards", 0)
-    plan, fetch, tokens = (snap.stages[name] for name in STAGES)
-    lines = [("plan", f"{plan.images:,} rows read, {plan.shards}/{snap.totals.get('sources', 0)} sources planned")]
+    plan, fetch, tokens = (snap.stages[name] for name in ("plan", "fetch", "tokens"))
+    lines = []
+    if snap.totals.get("downloads"):  # files named by URL: downloaded (or found whole) before the plan
+        download = snap.stages.get("download", StageCounts())
+        failed = f", {download.failed} failed" if download.failed else ""
+        finished = download.shards + download.failed >= snap.totals["downloads"]
+        rate = download.byte_rate(download.last if finished else snap.now)  # a finished stage's rate holds
+        lines.append(
+            (
+                "download",
+                f"{download.shards}/{snap.totals['downloads']} files, {_megabytes(download.bytes)}, "
+                f"{rate / 1e6:.1f} MB/s{failed}",
+            )
+        )
+    lines.append(("plan", f"{plan.images:,} rows read, {plan.shards}/{snap.totals.get('sources', 0)} sources planned"))
     failed = f", {fetch.failed:,} failed" if fetch.failed else ""
     lines.append(
         ("fetch", f"{fetch.shards}/{shards} shards, {fetch.images:,} images, {fetch.rate(snap.now):.1f}/s{failed}")
@@ -210,8 +235,13 @@ def summary_lines(snap: Snapshot) -> list[str]:
     """How long each stage of this run took (first to last count: stages overlap in a streaming build)."""
     lines = []
     for name in STAGES:
-        stage = snap.stages[name]
-        if stage.first is None:
+        stage = snap.stages.get(name)
+        if stage is None or stage.first is None:
+            continue
+        if name == "download":
+            failed = f" ({stage.failed:,} failed)" if stage.failed else ""
+            size = _megabytes(stage.bytes)
+            lines.append(f"download: {stage.shards:,} files{failed}, {size} downloaded in {_clock(stage.seconds)}")
             continue
         unit = "rows" if name == "plan" else "images"
         lines.append(f"{name}: {stage.images:,} {unit} in {_clock(stage.seconds)}")

@@ -47,7 +47,7 @@ WIDS_INDEX = "shardindex.json"  # per source folder, the format `widsindex creat
 LOCK_FILE = ".pmd.lock"  # held (flock) by the one run that may write OUT; left in place, never deleted
 PLAN_FOLDER = "_plan"
 WORK_FOLDER = "_work"  # scratch space of running shard tasks; removed when the build completes
-METADATA_FOLDER = "_metadata"  # metadata downloaded from URLs, once per build
+DOWNLOADS_FOLDER = "_downloads"  # files a config names by URL, as <host>/<path> (pmd_pipeline.fetch.downloads)
 
 
 @dataclass(frozen=True)

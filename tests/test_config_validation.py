@@ -101,7 +101,15 @@ def test_every_key_of_every_section_has_its_type_checked(tmp_path, section, key,
     assert f"{section + '.' if section else ''}{key} = {value}" in message and "is not allowed" in message, message
 
 
-SOURCE_KEYS = {"metadata": "5", "images": "5", "options": "5", "enabled": '"yes"', "limit": '"x"', "filters": "5"}
+SOURCE_KEYS = {
+    "metadata": "5",
+    "images": "5",
+    "options": "5",
+    "enabled": '"yes"',
+    "limit": '"x"',
+    "filters": "5",
+    "checksums": "5",
+}
 
 
 def test_every_key_of_a_source_table_has_its_type_checked(tmp_path):

@@ -326,8 +326,10 @@ class GuardedOpener:
         with _HostSlot(self) as slot:
             return self._open_with_retries(url, headers, slot)
 
-    def stream(self, url: str):
-        """One attempt, the deadline over connect, redirects and headers; the body is the caller's to read."""
+    def stream(self, url):
+        """One attempt, the deadline over connect, redirects and headers; the body is the caller's to read, with
+        timeout_s per read and no deadline (a 13 GB archive takes as long as it takes). `url`: a string or a
+        urllib Request (its headers, e.g. Range, go with every redirect hop)."""
         url, headers = self._request_parts(url)
         clock = _Clock(self.policy)
         with _HostSlot(self) as slot:
@@ -354,7 +356,7 @@ class GuardedOpener:
             try:
                 return self._open_once(url, headers, slot)
             except (OSError, http.client.HTTPException) as err:
-                if attempt == self.policy.retries or not _retryable(err):
+                if attempt == self.policy.retries or not is_retryable(err):
                     raise
                 time.sleep(self._backoff(attempt, err))
         raise AssertionError("unreachable")
@@ -394,12 +396,18 @@ class GuardedOpener:
         raise WebError("too_many_redirects", f"more than {MAX_REDIRECTS} redirects")
 
     def _backoff(self, attempt: int, err: Exception) -> float:
-        delay = self.policy.backoff_s * (2**attempt)
-        if isinstance(err, urllib.error.HTTPError) and err.code in BACKOFF_HTTP:
-            retry_after = (err.headers or {}).get("Retry-After", "")
-            if retry_after.strip().isdigit():
-                delay = max(delay, float(retry_after))
-        return min(delay, self.policy.backoff_max_s)
+        return backoff_delay(self.policy, attempt, err)
+
+
+def backoff_delay(policy: WebPolicy, attempt: int, err: Exception) -> float:
+    """Seconds before retry `attempt` (0, 1, ...): doubling from backoff_s, at least a 429/503's Retry-After,
+    never over backoff_max_s."""
+    delay = policy.backoff_s * (2**attempt)
+    if isinstance(err, urllib.error.HTTPError) and err.code in BACKOFF_HTTP:
+        retry_after = (err.headers or {}).get("Retry-After", "")
+        if retry_after.strip().isdigit():
+            delay = max(delay, float(retry_after))
+    return min(delay, policy.backoff_max_s)
 
 
 def _redirect_target(url: str, response) -> str:
@@ -438,13 +446,14 @@ def _read_capped(response, max_bytes: int) -> bytes:
             raise WebError("response_too_large", f"body over {max_bytes} bytes")
 
 
-def _retryable(err: Exception) -> bool:
+def is_retryable(err: Exception) -> bool:
+    """A transient failure (timeout, reset, dropped connection, 429, 5xx): worth another attempt."""
     if isinstance(err, urllib.error.HTTPError):
         return err.code in RETRYABLE_HTTP
     if isinstance(err, WebError):
         return err.retryable
     if isinstance(err, urllib.error.URLError):
-        return _retryable(err.reason) if isinstance(err.reason, Exception) else False
+        return is_retryable(err.reason) if isinstance(err.reason, Exception) else False
     if isinstance(err, http.client.IncompleteRead | http.client.RemoteDisconnected):
         return True
     return isinstance(err, TimeoutError | ConnectionError | socket.timeout)
@@ -466,6 +475,8 @@ def installed(policy: WebPolicy):
             urllib.request.install_opener(previous)
 
 
-def stream_url(url: str, policy: WebPolicy):
-    """A guarded GET whose body is streamed, not capped: for metadata files, which are gigabytes by design."""
+def stream_url(url, policy: WebPolicy):
+    """A guarded GET whose body is streamed, not capped: for metadata files, which are gigabytes by design.
+
+    `url` may be a urllib Request, for headers of the caller's (a download's Range and If-Range)."""
     return GuardedOpener(policy).stream(url)
