@@ -20,6 +20,7 @@ from filters import build_filters
 from pmd_pipeline.config import BuildConfig
 from pmd_pipeline.errors import DiskFull, PmdError, StopBuild, is_disk_full
 from pmd_pipeline.faults import crash_point
+from pmd_pipeline.fetch.archives import ARCHIVE_SEPARATOR
 from pmd_pipeline.fetch.downloads import download_all, is_url, localized
 from pmd_pipeline.manifest import write_manifest
 from pmd_pipeline.output import claim_output, save_tokenize_settings, saved_config
@@ -40,6 +41,7 @@ from shards.files import owned_path
 from shards.layout import WORK_FOLDER, ShardPaths, finished_shards
 from sources import get_source
 from sources.base import require_files
+from sources.published import MANUAL_STEPS, manual_step_message
 
 log = logging.getLogger(__name__)
 
@@ -279,16 +281,39 @@ def _collect(ref, paths: ShardPaths, result: BuildResult) -> bool:
 
 
 def validate(cfg: BuildConfig) -> None:
-    """Fail at once, before any work, on unknown names and missing inputs."""
+    """Fail at once, before any work, on unknown names and missing inputs. Sources whose files need a manual
+    step (an agreement, a form) are all named at once, each with what to get, from where and where to put it."""
     build_filters(cfg.filters)
+    manual_steps = []
     for source_cfg in cfg.enabled_sources():
-        source = get_source(source_cfg.name)
         build_filters(filter_chain(cfg, source_cfg.name))
-        local_files = [p for p in source_cfg.metadata if not is_url(p)]
+        missing = _missing_input(source_cfg)
+        if missing is None:
+            continue
+        if source_cfg.name not in MANUAL_STEPS:
+            raise PmdError(missing[1])
+        manual_steps.append(manual_step_message(source_cfg.name, missing[0]))
+    if manual_steps:
+        raise PmdError("\n".join(manual_steps))
+
+
+def _missing_input(source_cfg) -> tuple[str, str] | None:
+    """(the missing local file, the error saying so), or None when every local input is there. URLs are
+    checked when downloaded."""
+    source = get_source(source_cfg.name)
+    local_files = [p for p in source_cfg.metadata if not is_url(p)]
+    try:
         require_files(dataclasses.replace(source_cfg, metadata=local_files), minimum=_minimum_files(source_cfg, source))
-        for role, archive in source_cfg.images.items():
-            if not is_url(archive) and not as_path(archive).exists():  # a URL is checked when downloaded
-                raise PmdError(f"source {source_cfg.name}: image archive `{role}` not found: {archive}")
+    except PmdError as err:
+        return next((p for p in local_files if not _exists(p)), "its metadata"), str(err)
+    for role, archive in source_cfg.images.items():
+        if not is_url(archive) and not as_path(archive).exists():
+            return archive, f"source {source_cfg.name}: image archive `{role}` not found: {archive}"
+    return None
+
+
+def _exists(entry: str) -> bool:
+    return as_path(entry.split(ARCHIVE_SEPARATOR, 1)[0]).exists()
 
 
 def _minimum_files(source_cfg, source) -> int:

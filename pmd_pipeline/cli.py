@@ -266,6 +266,9 @@ def plan(
     gpus: int = typer.Option(0, min=0, help="GPUs per node (the dVAE tokens run there)."),
     download_mb_s: float = typer.Option(100.0, min=0.001, help="Download speed per node, MB/s."),
     sample_rows: int = typer.Option(2000, min=1, help="Rows of each source's metadata the rules are run on."),
+    count: bool = typer.Option(
+        False, "--count", help="Download the metadata given as URLs into OUT to count rows (no image archive)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
 ) -> None:
     """A dry run: per source, files and sizes, rows, expected pairs, shards, output bytes, disk and hours."""
@@ -275,7 +278,8 @@ def plan(
     with _errors_as_messages():
         cfg = _build_config(config, out)
         with _embedded_mirror(cfg, embedded=config is None):  # the sample is materialized in OUT to be counted
-            report = plan_config(cfg, Cluster(nodes, cpus, gpus, download_mb_s), sample_rows)
+            counted = count or config is None  # the embedded sample is small: always counted
+            report = plan_config(cfg, Cluster(nodes, cpus, gpus, download_mb_s), sample_rows, counted)
         if as_json:
             typer.echo(json.dumps(report, indent=2))
         else:

@@ -19,7 +19,7 @@ import polars as pl
 from pmd_pipeline.config import BuildConfig, SourceConfig
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.fetch.archives import ARCHIVE_SEPARATOR
-from pmd_pipeline.fetch.metadata import is_url
+from pmd_pipeline.fetch.downloads import download_file, downloads_of, is_url, localized
 from pmd_pipeline.fetch.mirror import rewrite_url
 from pmd_pipeline.fetch.web import WebPolicy, stream_url
 from pmd_pipeline.plan import merge_rows_by_key
@@ -63,9 +63,14 @@ class Cluster:
     download_mb_s: float = 100.0  # per node: how fast the sources' servers send
 
 
-def plan_config(cfg: BuildConfig, cluster: Cluster, sample_rows: int = SAMPLE_ROWS) -> dict:
-    """The dry run: one entry per enabled source and the totals (see the module's docstring)."""
+def plan_config(cfg: BuildConfig, cluster: Cluster, sample_rows: int = SAMPLE_ROWS, count: bool = False) -> dict:
+    """The dry run: one entry per enabled source and the totals (see the module's docstring).
+
+    `count`: download the metadata given as URLs (into OUT/_downloads, where the build then finds them; image
+    archives are never downloaded by a plan) so that every source's rows are counted, not taken from the paper."""
     policy = WebPolicy.from_config(cfg.fetch)
+    if count:
+        _download_metadata(cfg)
     sizes: dict[str, int | None] = {}
     sources = [_plan_one(cfg, s, policy, sizes, sample_rows) for s in cfg.enabled_sources()]
     download_bytes = sum(v for f, v in sizes.items() if v and is_url(f))
@@ -101,7 +106,8 @@ def _plan_one(cfg: BuildConfig, source_cfg: SourceConfig, policy: WebPolicy, siz
         if path not in sizes:
             sizes[path] = file_size(path, cfg, policy)
         files.append({"path": path, "bytes": sizes[path]})
-    counted = _count(cfg, source, source_cfg, sample_rows) if _metadata_readable(source_cfg) else None
+    downloaded = localized(cfg, source_cfg)  # metadata an earlier build or `--count` downloaded is counted
+    counted = _count(cfg, source, downloaded, sample_rows) if _metadata_readable(downloaded) else None
     if counted is None:  # remote metadata: the paper's count (the pipeline keeps what the paper kept)
         pairs = round(source.info.paper_pairs * 1e6 / _sharing(source.info))
         samples = pairs or UNIMODAL_SAMPLES.get(source_cfg.name, 0)
@@ -163,8 +169,16 @@ def _folder_bytes(folder) -> int:
 
 
 def _metadata_readable(source_cfg: SourceConfig) -> bool:
-    """Metadata the plan may read: local or in a bucket (remote URLs are downloaded by the build only)."""
-    return not any(is_url(m) for m in source_cfg.metadata)
+    """Metadata the plan may read: local, in a bucket, or downloaded (URLs are downloaded by the build)."""
+    files = [m.split(ARCHIVE_SEPARATOR, 1)[0] for m in source_cfg.metadata]
+    return not any(is_url(f) for f in files) and all(as_path(f).exists() for f in files)
+
+
+def _download_metadata(cfg: BuildConfig) -> None:
+    """The metadata and split files of every enabled source, one after another (no Ray: a plan is small)."""
+    metadata_only = [dataclasses.replace(s, images={}) for s in cfg.enabled_sources()]
+    for job in downloads_of(cfg, metadata_only):
+        download_file(job, cfg.fetch, cfg.out)
 
 
 def _count(cfg: BuildConfig, source, source_cfg: SourceConfig, sample_rows: int) -> dict | None:

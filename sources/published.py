@@ -8,10 +8,17 @@ KARPATHY = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datase
 COCO_ZIPS = "http://images.cocodataset.org/zips"
 LN = "https://storage.googleapis.com/localized-narratives/annotations"
 WIT = "https://storage.googleapis.com/gresearch/wit/wit_v1.train.all-{:05d}-of-00010.tsv.gz"
+VG_JSON = "https://visualgenome.org/static/data/dataset"
+VG_IMAGES = "https://cs.stanford.edu/people/rak248/VG_100K_2"
+SBU = "https://www.cs.rice.edu/~vo9/sbucaptions/sbu-captions-all.tar.gz"
+ADE20K = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
+CC3M = "https://storage.googleapis.com/gcc-data/Train/GCC-training.tsv"
+CC12M = "https://storage.googleapis.com/conceptual_12m/cc12m.tsv"
+REDCAPS = "https://www.dropbox.com/s/cqtdpsl4hewlli1/redcaps_v1.0_annotations.zip?dl=1"
 
 PUBLISHED: dict[str, list[str]] = {
     "coco": [KARPATHY, f"{COCO_ZIPS}/train2014.zip", f"{COCO_ZIPS}/val2014.zip"],
-    "sbu_captions": ["https://www.cs.rice.edu/~vo9/sbucaptions/sbu-captions-all.tar.gz"],
+    "sbu_captions": [SBU],
     "localized_narratives__coco": [
         f"{LN}/coco_train_localized_narratives.jsonl",
         f"{COCO_ZIPS}/train2017.zip",
@@ -22,20 +29,20 @@ PUBLISHED: dict[str, list[str]] = {
     ],
     "localized_narratives__ade20k": [
         f"{LN}/ade20k_train_localized_narratives.jsonl",
-        "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",
+        ADE20K,
     ],
     "localized_narratives__flickr30k": [f"{LN}/flickr30k_train_localized_narratives.jsonl"],
-    "conceptual_captions": ["https://storage.googleapis.com/gcc-data/Train/GCC-training.tsv"],
+    "conceptual_captions": [CC3M],
     "visual_genome": [
-        "https://visualgenome.org/static/data/dataset/region_descriptions.json.zip",
-        "https://visualgenome.org/static/data/dataset/image_data.json.zip",
-        "https://cs.stanford.edu/people/rak248/VG_100K_2/images.zip",
-        "https://cs.stanford.edu/people/rak248/VG_100K_2/images2.zip",
+        f"{VG_JSON}/region_descriptions.json.zip",
+        f"{VG_JSON}/image_data.json.zip",
+        f"{VG_IMAGES}/images.zip",
+        f"{VG_IMAGES}/images2.zip",
         KARPATHY,
     ],
     "wit": [WIT.format(i) for i in range(10)],
-    "conceptual_12m": ["https://storage.googleapis.com/conceptual_12m/cc12m.tsv"],
-    "red_caps": ["https://www.dropbox.com/s/cqtdpsl4hewlli1/redcaps_v1.0_annotations.zip?dl=1"],
+    "conceptual_12m": [CC12M],
+    "red_caps": [REDCAPS],
     "yfcc100m": [],
     "imagenet": [],
     "text_corpus": [],

@@ -6,14 +6,29 @@ import json
 import subprocess
 import sys
 
-from pmd_pipeline.embedded import default_config
-from pmd_pipeline.estimate import Cluster, plan_config
+from pathlib import Path
+
+import pytest
+
+from pmd_pipeline.config_file import load_config
+from pmd_pipeline.embedded import default_config, materialize
+from pmd_pipeline.estimate import Cluster, input_files, plan_config
+from pmd_pipeline.fetch.mirror import StaticServer, use_mirror
 from shards.stats import collect_stats
+from sources import REGISTRY
+from sources.published import MANUAL_STEPS, PUBLISHED
+
+RECIPE = Path(__file__).parents[1] / "configs" / "pmd.toml"
 
 
 def test_the_plan_of_the_embedded_default_matches_its_build(embedded_build):
+    """The build downloaded the embedded metadata through its mirror: the plan counts them where they landed,
+    and sizes every input (URLs through the same mirror)."""
     out, _ = embedded_build
-    report = plan_config(default_config(str(out)), Cluster(nodes=2, cpus_per_node=16))
+    cfg = default_config(str(out))
+    with StaticServer(materialize(cfg.out) / "mirror") as server:
+        use_mirror(cfg.fetch, server.url)
+        report = plan_config(cfg, Cluster(nodes=2, cpus_per_node=16))
     built = collect_stats(out, codes=False)["sources"]
     assert [s["source"] for s in report["sources"]] == sorted(built, key=[s["source"] for s in report["sources"]].index)
     for planned in report["sources"]:
@@ -40,3 +55,36 @@ def test_pmd_plan_prints_a_table_and_json(embedded_build, tmp_path):
     assert as_json.returncode == 0, as_json.stderr
     report = json.loads(as_json.stdout)
     assert report["cluster"]["nodes"] == 4 and len(report["sources"]) == 13
+
+
+def test_the_recipe_names_every_source_at_its_published_place():
+    """configs/pmd.toml: every registered source, each URL one its publisher gives (sources/published.py),
+    the manual steps local or off, and the embedded default the same recipe at small scale."""
+    cfg = load_config(RECIPE)
+    assert sorted(s.name for s in cfg.sources) == sorted(REGISTRY)
+    for source in cfg.sources:
+        urls = [f for f in input_files(source) if "://" in f]
+        assert set(urls) <= set(PUBLISHED[source.name]), source.name
+        if source.name in MANUAL_STEPS:
+            assert not urls and (not source.enabled or source.name in MANUAL_STEPS)
+    assert not next(s for s in cfg.sources if s.name == "localized_narratives__flickr30k").enabled
+    embedded = {s.name: set(input_files(s)) for s in default_config("/tmp/x").sources}
+    for source in cfg.sources:
+        remote = {f for f in embedded.get(source.name, ()) if "://" in f}
+        assert remote <= set(PUBLISHED[source.name]), source.name
+
+
+@pytest.mark.parametrize("missing", ["yfcc100m", "imagenet"])
+def test_a_missing_manual_step_stops_the_build_before_any_work_saying_what_to_get(tmp_path, missing):
+    cfg = load_config(RECIPE)
+    cfg.out = str(tmp_path / "out")
+    from pmd_pipeline.build import validate
+    from pmd_pipeline.errors import PmdError
+
+    with pytest.raises(PmdError) as err:
+        validate(cfg)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 3  # YFCC100M, ImageNet, the text corpus: one line each, all at once
+    line = next(line for line in lines if line.startswith(f"source {missing} "))
+    assert "needs a manual step" in line and "http" in line and str(RECIPE.parent / "manual") in line
+    assert not (tmp_path / "out").exists()

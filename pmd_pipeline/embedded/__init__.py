@@ -17,8 +17,10 @@ import numpy as np
 from PIL import Image
 
 from pmd_pipeline.config import BuildConfig, SourceConfig
+from pmd_pipeline.embedded.packaging import published_files
 from pmd_pipeline.storage import as_path, is_remote, local_scratch, upload, url_of
 from shards.files import owned_path
+from sources.published import ADE20K, CC3M, CC12M, COCO_ZIPS, KARPATHY, LN, REDCAPS, SBU, VG_IMAGES, VG_JSON, WIT
 
 BUNDLE = Path(__file__).parent / "bundle"
 MATERIALIZED_MARKER = ".materialized"
@@ -28,51 +30,54 @@ EMBEDDED_FOLDER = "_embedded"
 def default_config(out: str) -> BuildConfig:
     """The build `just build-pmd` runs: every bundled source, small shards so several shards run at once.
 
-    Its inputs live in OUT/_embedded: a local folder, or objects in OUT's bucket (read like a user's own)."""
+    It is configs/pmd.toml's recipe at small scale: every published file is given by its canonical URL and
+    served in its real packaging (the Karpathy zip, SBU's tar.gz, VG's zipped jsons, RedCaps' zip, gzipped
+    WIT, COCO-style image zips) by the embedded mirror on 127.0.0.1, downloaded into OUT/_downloads and read
+    in place; YFCC100M (a manual step in the recipe), ImageNet and the text corpus are local, in OUT/_embedded."""
     out = _out_url(out)
     root = f"{out}/{EMBEDDED_FOLDER}"
-    karpathy = {"karpathy_split_file": f"{root}/coco/dataset_coco.json"}
+    karpathy = {"karpathy_split_file": f"{KARPATHY}::dataset_coco.json"}
 
     def source(name: str, *metadata: str, images: dict | None = None, options: dict | None = None) -> SourceConfig:
-        return SourceConfig(
-            name,
-            metadata=[f"{root}/{m}" for m in metadata],
-            images={role: f"{root}/{archive}" for role, archive in (images or {}).items()},
-            options=options or {},
-        )
+        return SourceConfig(name, metadata=list(metadata), images=images or {}, options=options or {})
 
     sources = [
-        source("coco", "coco/dataset_coco.json", images={"train2014": "train2014.zip", "val2014": "val2014.zip"}),
-        source("sbu_captions", "sbu_captions/sbu-captions-all.json"),
         source(
-            "localized_narratives__openimages",
-            "localized_narratives/open_images_train_v6_localized_narratives-00000-of-00010.jsonl",
+            "coco",
+            f"{KARPATHY}::dataset_coco.json",
+            images={"train2014": f"{COCO_ZIPS}/train2014.zip", "val2014": f"{COCO_ZIPS}/val2014.zip"},
+        ),
+        source("sbu_captions", f"{SBU}::sbu-captions-all.json"),
+        source(
+            "localized_narratives__openimages", f"{LN}/open_images_train_v6_localized_narratives-00000-of-00010.jsonl"
         ),
         source(
             "localized_narratives__coco",
-            "localized_narratives/coco_train_localized_narratives.jsonl",
-            images={"train2017": "train2017.zip"},
+            f"{LN}/coco_train_localized_narratives.jsonl",
+            images={"train2017": f"{COCO_ZIPS}/train2017.zip"},
             options=karpathy,
         ),
         source(
             "localized_narratives__ade20k",
-            "localized_narratives/ade20k_train_localized_narratives.jsonl",
-            images={"ade20k": "ADEChallengeData2016.zip"},
+            f"{LN}/ade20k_train_localized_narratives.jsonl",
+            images={"ade20k": ADE20K},
         ),
-        source("conceptual_captions", "conceptual_captions/Train_GCC-training.tsv"),
+        source("conceptual_captions", CC3M),
         source(
             "visual_genome",
-            "visual_genome/region_descriptions.json",
-            "visual_genome/image_data.json",
-            images={"VG_100K": "images.zip", "VG_100K_2": "images2.zip"},
+            f"{VG_JSON}/region_descriptions.json.zip::region_descriptions.json",
+            f"{VG_JSON}/image_data.json.zip::image_data.json",
+            images={"VG_100K": f"{VG_IMAGES}/images.zip", "VG_100K_2": f"{VG_IMAGES}/images2.zip"},
             options=karpathy,
         ),
-        source("wit", "wit/wit_v1.train.all-00000-of-00010.tsv.gz"),
-        source("conceptual_12m", "conceptual_12m/cc12m.tsv"),
-        source("red_caps", "red_caps/annotations/abandoned_2017.json", "red_caps/annotations/itookapicture_2019.json"),
-        source("yfcc100m", "yfcc100m/yfcc100m_dataset"),
-        source("imagenet", images={"root": "imagenet_train.tar"}),
-        source("text_corpus", "text_corpus/books.txt", "text_corpus/news.jsonl", options={"max_words": 120}),
+        source("wit", WIT.format(0)),
+        source("conceptual_12m", CC12M),
+        source("red_caps", f"{REDCAPS}::annotations/*.json"),
+        source("yfcc100m", f"{root}/yfcc100m/yfcc100m_dataset"),
+        source("imagenet", images={"root": f"{root}/imagenet_train.tar"}),
+        source(
+            "text_corpus", f"{root}/text_corpus/books.txt", f"{root}/text_corpus/news.jsonl", options={"max_words": 120}
+        ),
     ]
     return BuildConfig(out=out, shard_size=64, sources=sources)
 
@@ -121,7 +126,58 @@ def _materialize_locally(root: Path) -> None:
             archives.setdefault(where[0], []).append((where[1], body))
     for name, members in archives.items():
         _write_archive(root / name, members)
+    _package_for_the_mirror(root)
     (root / MATERIALIZED_MARKER).write_text("ok\n")
+
+
+# Where the mirror serves each file: its canonical URL (configs/pmd.toml's), https://host/path as mirror/host/path.
+# The archives are made as their publishers package them (embedded/packaging.py); the rest are published
+# as they are. The recipe's code path, at small scale.
+PUBLISHED_AT = {
+    "caption_datasets.zip": KARPATHY,
+    "region_descriptions.json.zip": f"{VG_JSON}/region_descriptions.json.zip",
+    "image_data.json.zip": f"{VG_JSON}/image_data.json.zip",
+    "sbu-captions-all.tar.gz": SBU,
+    "redcaps_v1.0_annotations.zip": REDCAPS,
+    "wit_v1.train.all-00000-of-00010.tsv.gz": WIT.format(0),
+}
+AS_PUBLISHED = {  # bundle file (or image zip made above) -> its canonical URL
+    "localized_narratives/open_images_train_v6_localized_narratives-00000-of-00010.jsonl": (
+        f"{LN}/open_images_train_v6_localized_narratives-00000-of-00010.jsonl"
+    ),
+    "localized_narratives/coco_train_localized_narratives.jsonl": f"{LN}/coco_train_localized_narratives.jsonl",
+    "localized_narratives/ade20k_train_localized_narratives.jsonl": f"{LN}/ade20k_train_localized_narratives.jsonl",
+    "conceptual_captions/Train_GCC-training.tsv": CC3M,
+    "conceptual_12m/cc12m.tsv": CC12M,
+    "train2014.zip": f"{COCO_ZIPS}/train2014.zip",
+    "val2014.zip": f"{COCO_ZIPS}/val2014.zip",
+    "train2017.zip": f"{COCO_ZIPS}/train2017.zip",
+    "ADEChallengeData2016.zip": ADE20K,
+    "images.zip": f"{VG_IMAGES}/images.zip",
+    "images2.zip": f"{VG_IMAGES}/images2.zip",
+}
+# Bundle files that exist only inside the archives above once packaged: the build never sees them unpacked
+PACKED = ("coco", "visual_genome", "sbu_captions", "red_caps", "wit")
+
+
+def mirror_place(url: str) -> str:
+    """Where the mirror serves `url` from: host/path (the query string is not part of a static file's name)."""
+    return url.split("://", 1)[1].split("?", 1)[0]
+
+
+def _package_for_the_mirror(root: Path) -> None:
+    for name, data in published_files().items():
+        _place(root, PUBLISHED_AT[name]).write_bytes(data)
+    for local, url in AS_PUBLISHED.items():
+        shutil.move(root / local, _place(root, url))  # the build reads it from its download, as a user's would
+    for folder in PACKED:
+        shutil.rmtree(root / folder)
+
+
+def _place(root: Path, url: str) -> Path:
+    target = root / "mirror" / mirror_place(url)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
 
 
 def _write_archive(path: Path, members: list[tuple[str, bytes]]) -> None:
