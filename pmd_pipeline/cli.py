@@ -269,6 +269,8 @@ def plan(
     count: bool = typer.Option(
         False, "--count", help="Download the metadata given as URLs into OUT to count rows (no image archive)."
     ),
+    mirror: str = typer.Option(None, help="URL prefix replacing scheme+host of every URL (a cache or mirror)."),
+    allow_host: list[str] = typer.Option(None, help="A host:port that may resolve to a private address. Repeatable."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
 ) -> None:
     """A dry run: per source, files and sizes, rows, expected pairs, shards, output bytes, disk and hours."""
@@ -277,6 +279,9 @@ def plan(
 
     with _errors_as_messages():
         cfg = _build_config(config, out)
+        if mirror is not None:
+            cfg.fetch.mirror = mirror
+        cfg.fetch.allowed_private_hosts.extend(h.lower() for h in allow_host or [])
         with _embedded_mirror(cfg, embedded=config is None):  # the sample is materialized in OUT to be counted
             counted = count or config is None  # the embedded sample is small: always counted
             report = plan_config(cfg, Cluster(nodes, cpus, gpus, download_mb_s), sample_rows, counted)

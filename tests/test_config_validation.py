@@ -20,7 +20,7 @@ from pmd_pipeline.config import (
     TokenizeConfig,
 )
 from pmd_pipeline.config_file import load_config
-from pmd_pipeline.embedded import BUNDLE, default_config
+from pmd_pipeline.embedded import default_config, materialize, served_locally
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.output import saved_config
 from sources import REGISTRY, get_source
@@ -186,12 +186,9 @@ class RecordingOptions(dict):
 
 
 def bundle_config(source_cfg: SourceConfig, root: Path) -> SourceConfig:
-    """The embedded default's source on the committed bundle's raw files (no images needed to read them)."""
-    moved = {
-        k: str(BUNDLE / Path(v).relative_to(root)) if k.endswith("_file") else v for k, v in source_cfg.options.items()
-    }
-    metadata = [str(BUNDLE / Path(p).relative_to(root)) for p in source_cfg.metadata]
-    return dataclasses.replace(source_cfg, metadata=metadata, options=moved)
+    """The embedded default's source on its files as materialized in `root` (OUT/_embedded): the mirror's
+    published packaging read in place, without a server."""
+    return served_locally(source_cfg, materialize(str(root.parent)))
 
 
 @pytest.mark.parametrize("name", [s.name for s in default_config("/x").sources if s.metadata])

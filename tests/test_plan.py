@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-
 from pathlib import Path
 
 import pytest
@@ -88,3 +87,23 @@ def test_a_missing_manual_step_stops_the_build_before_any_work_saying_what_to_ge
     line = next(line for line in lines if line.startswith(f"source {missing} "))
     assert "needs a manual step" in line and "http" in line and str(RECIPE.parent / "manual") in line
     assert not (tmp_path / "out").exists()
+
+
+def test_the_recipe_planned_against_a_mirror_sizes_what_it_serves_and_names_what_it_lacks(tmp_path):
+    """configs/pmd.toml through the embedded mirror (which serves the bundled files at their canonical URLs):
+    exact sizes for what it has, unknown (listed) for the rest, and the plan still ends."""
+    cfg = load_config(RECIPE)
+    cfg.out = str(tmp_path / "out")
+    root = materialize(str(tmp_path / "embedded"))
+    with StaticServer(root / "mirror") as server:
+        use_mirror(cfg.fetch, server.url)
+        report = plan_config(cfg, Cluster(nodes=8, cpus_per_node=32, gpus_per_node=8))
+    sizes = {f["path"]: f["bytes"] for s in report["sources"] for f in s["files"]}
+    karpathy = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
+    served = root / "mirror" / "cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
+    assert sizes[karpathy] == served.stat().st_size
+    lacking = "https://storage.googleapis.com/gresearch/wit/wit_v1.train.all-00009-of-00010.tsv.gz"
+    assert sizes[lacking] is None and lacking in report["totals"]["unknown_sizes"]
+    totals = report["totals"]
+    assert 65e6 < totals["expected_pairs"] < 75e6  # the paper's 70M where the metadata was not counted
+    assert totals["hours"]["build"] > 0 and totals["output_bytes"] > 1e12

@@ -18,7 +18,7 @@ from pmd_pipeline.errors import PmdError
 from pmd_pipeline.plan import PLAN_MARKER, plan_source
 from shards.layout import plan_folder
 from sources import get_source
-from sources.base import RejectLog
+from sources.base import RejectLog, require_files
 from tests.conftest import realdata
 from tests.test_config_validation import bundle_config
 
@@ -33,9 +33,11 @@ def with_bom_and_crlf(data: bytes) -> bytes:
     return BOM + data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
-def rewritten(path: Path, change, folder: Path) -> Path:
-    """A copy of a raw file with `change` applied to its text (inside the gzip for .gz files)."""
-    data = path.read_bytes()
+def rewritten(path, change, folder: Path) -> Path:
+    """A copy of a raw file (or of an archive's member, as a plain file) with `change` applied to its text
+    (inside the gzip for .gz files)."""
+    with path.open("rb") as f:
+        data = f.read()
     gzipped = data[:2] == b"\x1f\x8b"
     data = change(gzip.decompress(data) if gzipped else data)
     target = folder / path.name
@@ -75,7 +77,8 @@ def test_every_source_reads_a_bom_and_crlf_file_exactly_as_the_plain_one(tmp_pat
             continue
         plain = bundle_config(source_cfg, tmp_path / "_embedded")
         folder = tmp_path / change.__name__ / source_cfg.name
-        files = [str(rewritten(Path(p), change, folder / str(i))) for i, p in enumerate(plain.metadata)]
+        members = require_files(plain)  # archive::member entries (globs expanded) read as they are published
+        files = [str(rewritten(p, change, folder / str(i))) for i, p in enumerate(members)]
         try:
             changed = read(dataclasses.replace(plain, metadata=files))
         except PmdError as err:

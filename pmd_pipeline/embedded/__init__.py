@@ -6,6 +6,7 @@ deterministically, into OUT/_embedded: `mirror/<host>/<path>` for URL sources an
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import shutil
@@ -158,6 +159,24 @@ AS_PUBLISHED = {  # bundle file (or image zip made above) -> its canonical URL
 }
 # Bundle files that exist only inside the archives above once packaged: the build never sees them unpacked
 PACKED = ("coco", "visual_genome", "sbu_captions", "red_caps", "wit")
+
+
+def served_locally(source_cfg: SourceConfig, root: Path) -> SourceConfig:
+    """The source config reading the mirror's files in `root` (materialize's folder) instead of their URLs:
+    for tests that read the published files without a server."""
+
+    def local(entry):
+        if not isinstance(entry, str) or "://" not in entry or entry.startswith(str(root)):
+            return entry
+        url, sep, member = entry.partition("::")
+        return f"{root / 'mirror' / mirror_place(url)}{sep}{member}"
+
+    return dataclasses.replace(
+        source_cfg,
+        metadata=[local(m) for m in source_cfg.metadata],
+        images={k: local(v) for k, v in source_cfg.images.items()},
+        options={k: local(v) for k, v in source_cfg.options.items()},
+    )
 
 
 def mirror_place(url: str) -> str:
