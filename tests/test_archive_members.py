@@ -72,7 +72,9 @@ def unpack(published: Path, folder: Path) -> dict[str, list[Path]]:
 
 
 def source_config(tmp_path: Path, name: str) -> SourceConfig:
-    return next(s for s in default_config(str(tmp_path / "embedded")).sources if s.name == name)
+    """The embedded default's source; its image archives (URLs there) as local names: a plan never opens them."""
+    source = next(s for s in default_config(str(tmp_path / "embedded")).sources if s.name == name)
+    return dataclasses.replace(source, images={role: str(tmp_path / f"{role}.zip") for role in source.images})
 
 
 def in_place_and_by_hand(tmp_path: Path, name: str) -> tuple[SourceConfig, SourceConfig]:

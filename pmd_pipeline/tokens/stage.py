@@ -6,7 +6,8 @@ the encoder's convolutions already use all threads, and a second copy of 54M par
 In `pmd build` the stage streams: each shard task, once its images are fetched, sends their pixels to an
 actor (`ShardTokens.request`) and writes its tar once, with the tokens, while later shards fetch. The token
 pass over finished tars (`tokenize_shards`) serves `pmd tokenize OUT` and shards a build finished without
-tokens (an earlier `--no-tokenize` run, or int8's calibration shards).
+tokens (an earlier `--no-tokenize` run). int8 calibrates on the build's first 32 images, gathered as the first
+shards fetch them (`CalibrationCollector`), so it streams too.
 """
 
 from __future__ import annotations
