@@ -9,14 +9,13 @@ in the reject log with its file and line, and every record before the damage is 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
-from pmd_pipeline.embedded import default_config, materialize
+from pmd_pipeline.embedded import default_config, materialize, served_locally
 from pmd_pipeline.errors import PmdError
 from sources import get_source
-from sources.base import RejectLog
+from sources.base import RejectLog, require_files
 
 
 def damage_truncate(data: bytes) -> bytes:
@@ -50,9 +49,12 @@ DAMAGE = {
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
+    """The embedded default's sources reading their files as published (archives in place), from disk."""
     out = tmp_path_factory.mktemp("bundle") / "out"
-    materialize(str(out))
-    return default_config(str(out))
+    root = materialize(str(out))
+    cfg = default_config(str(out))
+    cfg.sources = [served_locally(s, root) for s in cfg.sources]
+    return cfg
 
 
 def source_names() -> list[str]:
@@ -70,10 +72,11 @@ def read_all(source_cfg) -> tuple[int, RejectLog]:
 def test_a_damaged_raw_file_is_counted_kept_aside_or_fails_the_source_clearly(bundle, tmp_path, name, damage):
     source_cfg = next(s for s in bundle.sources if s.name == name)
     good_rows, good_rejects = read_all(source_cfg)
-    target = Path(source_cfg.metadata[0])
+    target, *others = require_files(source_cfg)  # a member of an archive is damaged as a plain copy of it
     broken = tmp_path / target.name
-    broken.write_bytes(DAMAGE[damage](target.read_bytes()))
-    damaged_cfg = dataclasses.replace(source_cfg, metadata=[str(broken), *source_cfg.metadata[1:]])
+    with target.open("rb") as f:
+        broken.write_bytes(DAMAGE[damage](f.read()))
+    damaged_cfg = dataclasses.replace(source_cfg, metadata=[str(broken), *map(str, others)])
     try:
         rows, rejects = read_all(damaged_cfg)
     except PmdError as err:  # the whole input is unreadable: the source fails with a clear one-line message

@@ -355,26 +355,32 @@ def test_a_failed_download_fails_the_sources_that_need_it_alone(ray_session, tmp
 
 
 def test_image_archives_given_as_urls_build_the_same_shards(ray_session, tmp_path):
-    """COCO's zips and Karpathy json from a web server give the shards the same zips on disk give."""
-    from pmd_pipeline.embedded import default_config, materialize
+    """COCO's zips and Karpathy zip from a web server give the shards the same files on disk give."""
+    from pmd_pipeline.embedded import default_config, materialize, mirror_place, served_locally
     from pmd_pipeline.output import claim_output
 
     local_cfg = default_config(str(tmp_path / "local"))
-    local_cfg.sources = [s for s in local_cfg.sources if s.name == "coco"]
     local_cfg.tokenize.enabled = False
+    root = materialize(str(tmp_path / "published"))
+    coco = next(s for s in local_cfg.sources if s.name == "coco")
+    local_cfg.sources = [served_locally(coco, root)]  # the published files, read from disk
     claim_output(local_cfg)
-    root = materialize(local_cfg.out)
     assert not build(local_cfg).failed
 
-    with RangeWeb(root) as web:
+    with RangeWeb(root / "mirror") as web:
         url_cfg = web_config(tmp_path / "remote", web)
         url_cfg.shard_size = local_cfg.shard_size
         base = f"{web.url}/"
+
+        def served(entry: str) -> str:
+            url, sep, member = entry.partition("::")
+            return f"{base}{mirror_place(url)}{sep}{member}"
+
         url_cfg.sources = [
             SourceConfig(
                 "coco",
-                metadata=[base + "coco/dataset_coco.json"],
-                images={"train2014": base + "train2014.zip", "val2014": base + "val2014.zip"},
+                metadata=[served(m) for m in coco.metadata],
+                images={role: served(url) for role, url in coco.images.items()},
             )
         ]
         url_cfg.fetch.mirror = ""  # the URLs name the server itself (allowed: use_mirror listed its port)
@@ -383,9 +389,8 @@ def test_image_archives_given_as_urls_build_the_same_shards(ray_session, tmp_pat
     local_tars = {p.name: p.read_bytes() for p in (tmp_path / "local" / "coco").glob("*.tar")}
     url_tars = {p.name: p.read_bytes() for p in (tmp_path / "remote" / "coco").glob("*.tar")}
     assert url_tars == local_tars and url_tars
-    assert sorted(result.manifest["downloads"]) == sorted(
-        [base + "coco/dataset_coco.json", base + "train2014.zip", base + "val2014.zip"]
-    )
+    names = [served(e).partition("::")[0] for e in [*coco.metadata, *coco.images.values()]]
+    assert sorted(result.manifest["downloads"]) == sorted(names)
 
 
 def test_localize_metadata_downloads_once_outside_a_build(tmp_path, web):
