@@ -139,6 +139,9 @@ def test_a_build_over_the_hostile_web_accounts_for_every_row(ray_session, tmp_pa
     by_url = {row["image_url"].split(":", 2)[2].split("/", 1)[1]: row for row in table.iter_rows(named=True)}
     for path, reason in FAULTS.items():
         row = by_url[path.lstrip("/")]
+        if path == "/hang":  # timeout, or the deadline's doing on a loaded box (see the first test)
+            assert (row["status"], row["reason"]) in {("failed", "timeout"), ("failed", "deadline_exceeded")}
+            continue
         assert (row["status"], row["reason"]) == (("written", None) if reason is None else ("failed", reason)), path
     for stats_file in (tmp_path / "out" / "conceptual_captions").glob("*_stats.json"):
         s = json.loads(stats_file.read_text())
