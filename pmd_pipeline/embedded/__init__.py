@@ -25,6 +25,8 @@ from sources.published import ADE20K, CC3M, CC12M, COCO_ZIPS, KARPATHY, LN, REDC
 
 BUNDLE = Path(__file__).parent / "bundle"
 MATERIALIZED_MARKER = ".materialized"
+# What the marker says: a copy made by another layout (a bucket's scratch folder outlives the run) is redone
+MATERIALIZED_LAYOUT = "2: published packaging in mirror/\n"
 EMBEDDED_FOLDER = "_embedded"
 
 
@@ -95,11 +97,15 @@ def materialize(out: str) -> Path:
     files are made in a local scratch folder and the inputs (not the mirror) uploaded to OUT/_embedded."""
     out_path = as_path(_out_url(out))
     root = local_scratch(out_path, EMBEDDED_FOLDER) if is_remote(out_path) else out_path / EMBEDDED_FOLDER
-    if not owned_path(out_path, root / MATERIALIZED_MARKER).exists():
+    if not _current(owned_path(out_path, root / MATERIALIZED_MARKER)):
         _materialize_locally(owned_path(out_path, root))  # removes a half-made copy first: inside OUT only
-    if is_remote(out_path) and not (out_path / EMBEDDED_FOLDER / MATERIALIZED_MARKER).exists():
+    if is_remote(out_path) and not _current(out_path / EMBEDDED_FOLDER / MATERIALIZED_MARKER):
         _publish(root, out_path / EMBEDDED_FOLDER)
     return root
+
+
+def _current(marker: Path) -> bool:
+    return marker.exists() and marker.read_text() == MATERIALIZED_LAYOUT
 
 
 def _publish(root: Path, target: Path) -> None:
@@ -128,7 +134,7 @@ def _materialize_locally(root: Path) -> None:
     for name, members in archives.items():
         _write_archive(root / name, members)
     _package_for_the_mirror(root)
-    (root / MATERIALIZED_MARKER).write_text("ok\n")
+    (root / MATERIALIZED_MARKER).write_text(MATERIALIZED_LAYOUT)
 
 
 # Where the mirror serves each file: its canonical URL (configs/pmd.toml's), https://host/path as mirror/host/path.
