@@ -20,8 +20,7 @@ from filters import build_filters
 from pmd_pipeline.config import BuildConfig
 from pmd_pipeline.errors import DiskFull, PmdError, StopBuild, is_disk_full
 from pmd_pipeline.faults import crash_point
-from pmd_pipeline.fetch.archives import ARCHIVE_SEPARATOR
-from pmd_pipeline.fetch.downloads import download_all, is_url, localized
+from pmd_pipeline.fetch.downloads import download_all, is_url, localized, split_member
 from pmd_pipeline.manifest import write_manifest
 from pmd_pipeline.output import claim_output, save_tokenize_settings, saved_config
 from pmd_pipeline.plan import plan_source
@@ -313,7 +312,7 @@ def _missing_input(source_cfg) -> tuple[str, str] | None:
 
 
 def _exists(entry: str) -> bool:
-    return as_path(entry.split(ARCHIVE_SEPARATOR, 1)[0]).exists()
+    return as_path(split_member(entry)[0]).exists()
 
 
 def _minimum_files(source_cfg, source) -> int:

@@ -18,8 +18,7 @@ import polars as pl
 
 from pmd_pipeline.config import BuildConfig, SourceConfig
 from pmd_pipeline.errors import PmdError
-from pmd_pipeline.fetch.archives import ARCHIVE_SEPARATOR
-from pmd_pipeline.fetch.downloads import download_file, downloads_of, is_url, localized
+from pmd_pipeline.fetch.downloads import download_file, downloads_of, is_url, localized, split_member
 from pmd_pipeline.fetch.mirror import rewrite_url
 from pmd_pipeline.fetch.web import WebPolicy, stream_url
 from pmd_pipeline.plan import merge_rows_by_key
@@ -141,7 +140,7 @@ def input_files(source_cfg: SourceConfig) -> list[str]:
     options that name files (the Karpathy split)."""
     entries = [*source_cfg.metadata, *source_cfg.images.values()]
     entries += [v for k, v in source_cfg.options.items() if k.endswith(("_file", "_dir")) and isinstance(v, str)]
-    return list(dict.fromkeys(e.split(ARCHIVE_SEPARATOR, 1)[0] for e in entries))
+    return list(dict.fromkeys(split_member(e)[0] for e in entries))
 
 
 def file_size(path: str, cfg: BuildConfig, policy: WebPolicy) -> int | None:
@@ -170,7 +169,7 @@ def _folder_bytes(folder) -> int:
 
 def _metadata_readable(source_cfg: SourceConfig) -> bool:
     """Metadata the plan may read: local, in a bucket, or downloaded (URLs are downloaded by the build)."""
-    files = [m.split(ARCHIVE_SEPARATOR, 1)[0] for m in source_cfg.metadata]
+    files = [split_member(m)[0] for m in source_cfg.metadata]
     return not any(is_url(f) for f in files) and all(as_path(f).exists() for f in files)
 
 
