@@ -299,12 +299,13 @@ def stats(
     plots: Path = typer.Option(None, "--plots", help="Also write PNG charts into this folder."),
     sample_shards: int = typer.Option(64, help="Shards per source whose parquet feeds medians/percentiles (0 = all)."),
     codes: bool = typer.Option(False, "--codes", help="Also read the 8192 dVAE code counts: codes used, top codes."),
+    wide: bool = typer.Option(False, "--wide", help="Every column: raw rows, failure and drop reasons, codebooks."),
 ) -> None:
     """Per-source and total statistics of a build, read from the shard stats/parquet files (never the tars)."""
     from pmd_pipeline.inspection.stats_view import run_stats
 
     with _errors_as_messages():
-        run_stats(build_output(out), source, as_json, plots, sample_shards, codes)
+        run_stats(build_output(out), source, as_json, plots, sample_shards, codes, wide)
 
 
 @app.command()

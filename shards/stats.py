@@ -51,7 +51,7 @@ def collect_stats(
     names = source_names(out, source)
     sources = {name: _source_summary(out, name, sample_shards, codes) for name in names}
     total = _merge(list(sources.values()))
-    total["tokens"] = _merge_tokens([s["tokens"] for s in sources.values()], total["shards"])
+    total["tokens"] = _merge_tokens([s["tokens"] for s in sources.values()])
     total["distribution"] = None  # percentiles do not add up across sources
     return {"out": str(out), "sources": sources, "total": total, "manifest_tokens": _manifest_tokens(out)}
 
@@ -100,7 +100,7 @@ def _source_summary(out: Path, name: str, sample_shards: int, codes: bool) -> di
     summary["shards_planned"] = plan["shards"]
     summary["rejected_raw_records"] = plan["rejected_raw_records"]
     summary["rejected_by_reason"] = plan["rejected_by_reason"]
-    summary["tokens"] = _tokens(list(sidecars.values()), summary["shards"])
+    summary["tokens"] = _tokens(list(sidecars.values()), _images_written(shards, sidecars))
     summary["distribution"] = _distribution(*written_rows(out, name, sample_shards))
     return _derived(summary)
 
@@ -138,13 +138,28 @@ def code_counts(sidecars: list[dict]) -> np.ndarray | None:
     return total
 
 
-def _tokens(sidecars: list[dict], shards: int) -> dict:
+def _images_written(shards: list[dict], sidecars: dict[str, dict]) -> int:
+    """Samples that carry an image, which the tokenize stage turns into tokens.
+
+    A tokenized shard's sidecar counts them (tokenized + failed). An untokenized shard's are all its samples
+    when it stored image bytes: a source's samples all have an image (images, pairs) or none do (text)."""
+    images = 0
+    for shard in shards:
+        sidecar = sidecars.get(shard["shard"])
+        if sidecar is not None:
+            images += sidecar["samples_tokenized"] + sidecar["samples_failed"]
+        elif shard.get("image_bytes", 0) > 0:
+            images += shard["samples_written"]
+    return images
+
+
+def _tokens(sidecars: list[dict], images: int) -> dict:
     failures = Counter()
     for s in sidecars:
         failures.update(s["failure_reasons"])
     return _token_summary(
         code_counts(sidecars),
-        shards,
+        images,
         shards_tokenized=len(sidecars),
         samples_tokenized=sum(s["samples_tokenized"] for s in sidecars),
         samples_failed=sum(s["samples_failed"] for s in sidecars),
@@ -154,14 +169,14 @@ def _tokens(sidecars: list[dict], shards: int) -> dict:
     )
 
 
-def _merge_tokens(parts: list[dict], shards: int) -> dict:
+def _merge_tokens(parts: list[dict]) -> dict:
     failures = Counter()
     for p in parts:
         failures.update(p["failure_reasons"])
     counts = [p["code_counts"] for p in parts]
     return _token_summary(
         None if any(c is None for c in counts) else sum(counts, np.zeros(CODEBOOK_SIZE, dtype=np.int64)),
-        shards,
+        sum(p["samples_with_image"] for p in parts),
         shards_tokenized=sum(p["shards_tokenized"] for p in parts),
         samples_tokenized=sum(p["samples_tokenized"] for p in parts),
         samples_failed=sum(p["samples_failed"] for p in parts),
@@ -171,11 +186,13 @@ def _merge_tokens(parts: list[dict], shards: int) -> dict:
     )
 
 
-def _token_summary(counts: np.ndarray | None, shards: int, **fields) -> dict:
+def _token_summary(counts: np.ndarray | None, images: int, **fields) -> dict:
+    """Token figures; the fraction is of the samples that carry an image (None: a text-only source has none)."""
     top = [] if counts is None else np.argsort(counts, kind="stable")[::-1][:TOP_CODES]
     return {
         **fields,
-        "tokenized_fraction": round(fields["shards_tokenized"] / shards, 4) if shards else None,
+        "samples_with_image": images,
+        "tokenized_fraction": round(fields["samples_tokenized"] / images, 4) if images else None,
         "failure_reasons": dict(fields["failure_reasons"].most_common()),
         "codebooks": sorted(fields["codebooks"]),
         "codes_used": None if counts is None else int((counts > 0).sum()),

@@ -88,7 +88,7 @@ def test_tokens_are_summarised_from_the_sidecars(tokenized):
     tokens = report["total"]["tokens"]
     samples = {k: s for k, s in tar_samples(tokenized).items() if "jpg" in s}  # text-only samples have no tokens
     codes = np.concatenate([np.load(io.BytesIO(s["dvae.npy"])).ravel() for s in samples.values()])
-    assert tokens["tokenized_fraction"] == 1.0
+    assert tokens["tokenized_fraction"] == 1.0 and tokens["samples_with_image"] == len(samples)
     assert tokens["codebooks"] == [CODEBOOK_ID] and tokens["codebook_random"]
     assert tokens["samples_tokenized"] == len(samples)
     assert tokens["codes_used"] == len(np.unique(codes))
@@ -98,11 +98,27 @@ def test_tokens_are_summarised_from_the_sidecars(tokenized):
     assert report["total"]["tar_bytes"] == on_disk  # the rewritten tars' sizes, from the sidecars
 
 
-def test_partly_tokenized_build_reports_the_fraction(embedded_build, tmp_path):
+def test_partly_tokenized_build_reports_the_fraction_of_samples(embedded_build, tmp_path):
+    """The fraction counts samples with an image, as `pmd verify`'s "with tokens" does, not shards."""
     out = tokenize_build(copy_build(embedded_build[0], tmp_path / "out"), only=2)
-    report = collect_stats(out)
-    assert report["total"]["tokens"]["shards_tokenized"] == 2
-    assert report["total"]["tokens"]["tokenized_fraction"] == round(2 / report["total"]["shards"], 4)
+    tokens = collect_stats(out)["total"]["tokens"]
+    samples = tar_samples(out)
+    with_image = sum("jpg" in s for s in samples.values())
+    with_tokens = sum("dvae.npy" in s for s in samples.values())
+    assert tokens["shards_tokenized"] == 2 and 0 < with_tokens < with_image
+    assert (tokens["samples_tokenized"], tokens["samples_with_image"]) == (with_tokens, with_image)
+    assert tokens["tokenized_fraction"] == round(with_tokens / with_image, 4)
+
+
+def test_a_text_only_source_has_nothing_to_tokenize(tokenized):
+    """text_corpus's shards have sidecars (the stage ran) but no images: not applicable, not 100%."""
+    report = collect_stats(tokenized)
+    text = report["sources"]["text_corpus"]["tokens"]
+    assert text["shards_tokenized"] == report["sources"]["text_corpus"]["shards"] > 0
+    assert (text["samples_tokenized"], text["samples_with_image"], text["tokenized_fraction"]) == (0, 0, None)
+    result = runner.invoke(app, ["stats", str(tokenized)], env={"COLUMNS": "120"})
+    counts_row, content_row = [line for line in result.stdout.splitlines() if line.startswith("│ text_corpus ")]
+    assert content_row.rstrip(" │").endswith("│ no images") and "%" not in content_row
 
 
 def test_cli_json_narrowed_to_one_source(tokenized):
@@ -148,7 +164,7 @@ def test_code_counts_of_the_wrong_length_are_a_clear_error(tokenized, tmp_path):
 
 
 def test_cli_table_shows_paper_figures_and_codebook(tokenized):
-    result = runner.invoke(app, ["stats", str(tokenized)], env={"COLUMNS": "250"})
+    result = runner.invoke(app, ["stats", str(tokenized), "--wide"], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     assert "paper pairs" in result.stdout and "0.9M" in result.stdout and "3.1M" in result.stdout
     assert "12.4" in result.stdout and "10.3" in result.stdout  # the paper's mean words for COCO and CC3M
@@ -166,9 +182,37 @@ def test_redirected_tables_are_not_cut_to_80_columns(tokenized):
     assert result.exit_code == 0, result.output
     assert "…" not in result.stdout
     assert "conceptual_captions" in result.stdout and "paper pairs" in result.stdout
-    assert "fetch ok" in result.stdout and "RANDOM" in result.stdout
+    assert "fetch ok" in result.stdout and "random codebook" in result.stdout
     narrow = runner.invoke(app, ["stats", str(tokenized)], env={"COLUMNS": "80"})  # an explicit width is kept
     assert max(len(line) for line in narrow.stdout.splitlines()) <= 80
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_tables_fit_120_columns_with_every_source_name_whole(tokenized, wide):
+    """A 120-column terminal shows every table without cutting a source name (it needed ~200 columns)."""
+    args = ["stats", str(tokenized), "--codes"] + (["--wide"] if wide else [])
+    result = runner.invoke(app, args, env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 120
+    names = [line.split("│")[1].strip() for line in lines if line.startswith("│ ") and line.split("│")[1].strip()]
+    tables = 4 if wide else 2
+    for name in [*source_names(tokenized), "total"]:
+        assert names.count(name) == tables, name  # each table, whole: a cut name ("conceptu…") would not count
+    assert "…" not in "".join(names)
+
+
+def test_wide_adds_the_reasons_and_the_codebooks(tokenized):
+    narrow = runner.invoke(app, ["stats", str(tokenized), "--codes"], env={"COLUMNS": "120"}).stdout
+    wide = runner.invoke(app, ["stats", str(tokenized), "--codes", "--wide"], env={"COLUMNS": "120"}).stdout
+    report = collect_stats(tokenized)
+    reason, count = next(iter(report["total"]["rows_failed"].items()))
+    for text in ("┃ rows in", "┃ malformed", "┃ top reasons", f"failed  {reason} {count}", "RANDOM", "300/8192"):
+        assert text in wide and text not in narrow, text
+    assert "--wide adds" in narrow and "--wide adds" not in wide
+    images = report["total"]["tokens"]["samples_with_image"]
+    total = next(line for line in wide.splitlines() if line.startswith("│ total") and "RANDOM" in line)
+    assert f" {images:,} " in total  # the tokens table counts images, the figure the fraction is of
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,9 @@ from pmd_pipeline.errors import PmdError
 from pmd_pipeline.inspection import console_for
 from shards.stats import DEFAULT_SAMPLE_SHARDS, collect_stats
 
+# Every table fits a 120-column terminal with the longest source name whole; --wide adds two more tables.
+WIDE_HINT = "--wide adds where the rows went (malformed, failed, dropped, top reasons) and the dVAE codebooks"
+
 
 def run_stats(
     out: Path,
@@ -21,6 +24,7 @@ def run_stats(
     plots: Path | None,
     sample_shards: int = DEFAULT_SAMPLE_SHARDS,
     codes: bool = False,
+    wide: bool = False,
 ) -> dict:
     if sample_shards < 0:
         raise PmdError("--sample-shards must be 0 (read every shard) or a positive number")
@@ -29,24 +33,32 @@ def run_stats(
     if as_json:
         print(json.dumps(public_report(report), indent=1))
     else:
-        tables = counts_table(report), content_table(report)
-        console = console_for(*tables)
-        for table in tables:
-            console.print(table)
-        for note in _shared_figure_notes(report):
-            console.print(note, style="dim", highlight=False)
-        console.print(_sampling_note(report), style="dim", highlight=False)
-        if report["manifest_tokens"]:
-            tokens = report["manifest_tokens"]
-            random = " [red](random codebook)[/]" if tokens.get("random") else ""
-            note = escape(tokens.get("note", ""))
-            console.print(f"tokens: {escape(str(tokens.get('codebook')))}{random}: {note}", highlight=False)
+        print_tables(report, wide)
     if plots is not None:
         from pmd_pipeline.inspection.plots import write_plots
 
         written = write_plots(out, report, plots, sample_shards)
         Console(stderr=True).print(f"{len(written)} charts written to {plots}", highlight=False)
     return report
+
+
+def print_tables(report: dict, wide: bool) -> None:
+    tables = [counts_table(report), content_table(report)]
+    if wide:
+        tables += [rows_table(report), tokens_table(report)]
+    console = console_for(*tables)
+    for table in tables:
+        console.print(table)
+    for note in _shared_figure_notes(report):
+        console.print(note, style="dim", highlight=False)
+    console.print(_sampling_note(report), style="dim", highlight=False)
+    if not wide:
+        console.print(WIDE_HINT, style="dim", highlight=False)
+    if report["manifest_tokens"]:
+        tokens = report["manifest_tokens"]
+        codebook = f"{escape(str(tokens['codebook']))}: " if tokens.get("codebook") else ""
+        random = "[red](random codebook)[/] " if tokens.get("random") else ""
+        console.print(f"tokens: {codebook}{random}{escape(tokens.get('note', ''))}", highlight=False)
 
 
 def with_paper_figures(report: dict) -> dict:
@@ -93,25 +105,17 @@ def _rows(report: dict) -> list[tuple[str, dict]]:
 
 
 def counts_table(report: dict) -> Table:
-    table = Table(title=f"PMD build {report['out']}: counts", title_justify="left")
-    for column in ("source", "shards", "rows in", "malformed", "samples", "pairs", "paper pairs", "fetch ok"):
-        table.add_column(column, justify="left" if column == "source" else "right")
-    table.add_column("top failures")
-    table.add_column("top drops")
-    table.add_column("on disk", justify="right")
+    table = _table(f"PMD build {report['out']}: counts", report)
+    for column in ("shards", "samples", "pairs", "paper pairs", "fetch ok", "on disk"):
+        table.add_column(column, justify="right")
     for name, s in _rows(report):
-        paper = s["paper"]
         table.add_row(
             name,
             f"{s['shards']}/{s['shards_planned']}",
-            f"{s['rows_in']:,}",
-            f"{s['rejected_raw_records']:,}",
             f"{s['samples_written']:,}",
             f"{s['pairs_written']:,}",
-            _paper_pairs(paper),
+            _paper_pairs(s["paper"]),
             f"{s['fetch_success_rate']:.1%}" if s["fetch_success_rate"] is not None else "-",
-            _top(s["rows_failed"]),
-            _top(s["rows_dropped"]),
             human_bytes(s["tar_bytes"]),
             end_section=name == list(report["sources"])[-1],
         )
@@ -119,12 +123,9 @@ def counts_table(report: dict) -> Table:
 
 
 def content_table(report: dict) -> Table:
-    table = Table(title="captions, images and dVAE tokens", title_justify="left")
-    table.add_column("source")
-    for column in ("words/pair", "paper", "median (p10-p90)", "image px p50 (WxH)", "KiB p50", "tokenized"):
+    table = _table("captions, images and dVAE tokens", report)
+    for column in ("words/pair", "paper", "median (p10-p90)", "image p50 (px)", "KiB p50", "tokenized"):
         table.add_column(column, justify="right")
-    table.add_column("codebook")
-    table.add_column("codes used", justify="right")
     for name, s in _rows(report):
         dist, tokens, paper = s["distribution"] or {}, s["tokens"], s["paper"]
         table.add_row(
@@ -134,12 +135,68 @@ def content_table(report: dict) -> Table:
             _spread(dist.get("caption_words")),
             _size(dist),
             f"{dist['image_bytes']['p50'] / 1024:.1f}" if dist.get("image_bytes") else "-",
-            f"{tokens['tokenized_fraction']:.0%}" if tokens["tokenized_fraction"] is not None else "-",
-            _codebook(tokens),
-            f"{tokens['codes_used']}/8192" if tokens["codes_used"] is not None else "-",
+            _tokenized(tokens),
             end_section=name == list(report["sources"])[-1],
         )
     return table
+
+
+def rows_table(report: dict) -> Table:
+    """--wide: where each source's raw rows went, the top reasons one per line (so the table stays narrow)."""
+    table = _table("rows: malformed, failed, dropped", report)
+    for column in ("rows in", "malformed", "failed", "dropped"):
+        table.add_column(column, justify="right")
+    table.add_column("top reasons")
+    for name, s in _rows(report):
+        reasons = [f"failed  {line}" for line in _top(s["rows_failed"])]
+        reasons += [f"dropped {line}" for line in _top(s["rows_dropped"])]
+        table.add_row(
+            name,
+            f"{s['rows_in']:,}",
+            f"{s['rejected_raw_records']:,}",
+            f"{sum(s['rows_failed'].values()):,}",
+            f"{sum(s['rows_dropped'].values()):,}",
+            "\n".join(reasons) or "-",
+            end_section=name == list(report["sources"])[-1],
+        )
+    return table
+
+
+def tokens_table(report: dict) -> Table:
+    """--wide: the dVAE tokens per source, counted in samples with an image (text-only sources have none)."""
+    table = _table("dVAE tokens", report)
+    for column in ("images", "tokenized", "failed", "shards"):
+        table.add_column(column, justify="right")
+    table.add_column("codebook")
+    table.add_column("codes used", justify="right")
+    for name, s in _rows(report):
+        tokens = s["tokens"]
+        table.add_row(
+            name,
+            f"{tokens['samples_with_image']:,}",
+            f"{tokens['samples_tokenized']:,}",
+            f"{tokens['samples_failed']:,}",
+            f"{tokens['shards_tokenized']}/{s['shards']}",
+            _codebook(tokens),
+            f"{tokens['codes_used']}/8192" if tokens["codes_used"] is not None and tokens["shards_tokenized"] else "-",
+            end_section=name == list(report["sources"])[-1],
+        )
+    return table
+
+
+def _table(title: str, report: dict) -> Table:
+    """A table whose first column holds the source names whole: the other columns give way first."""
+    table = Table(title=title, title_justify="left")
+    longest = max(len(name) for name, _ in _rows(report))
+    table.add_column("source", no_wrap=True, min_width=longest)
+    return table
+
+
+def _tokenized(tokens: dict) -> str:
+    """The share of the samples with an image that carry tokens; text-only sources have none to tokenize."""
+    if tokens["tokenized_fraction"] is None:
+        return "no images"
+    return f"{tokens['tokenized_fraction']:.0%}"
 
 
 def _paper_pairs(paper: dict | None) -> str:
@@ -175,8 +232,8 @@ def human_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _top(counts: dict, n: int = 3) -> str:
-    return ", ".join(f"{k} {v:,}" for k, v in list(counts.items())[:n]) or "-"
+def _top(counts: dict, n: int = 3) -> list[str]:
+    return [f"{k} {v:,}" for k, v in list(counts.items())[:n]]
 
 
 def _spread(p: dict | None) -> str:
