@@ -41,6 +41,17 @@ def test_show_one_key_writes_its_image_and_token_grid(tokenized, tmp_path):
     assert (grid[::GRID_CELL, ::GRID_CELL] == PALETTE[tokens]).all()  # one cell per token, its code's colour
 
 
+def test_show_a_text_only_sample_says_it_has_no_image(tokenized, tmp_path):
+    key, sample = next(iter(tar_samples(tokenized, "text_corpus").items()))
+    assert "jpg" not in sample and json.loads(sample["json"])["width"] is None
+    result = runner.invoke(app, ["show", str(tokenized), key, "--to", str(tmp_path)], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    text = flat(result.stdout)
+    assert "image none (a text-only sample)" in text and "tokens none (no image to tokenize)" in text
+    assert "None" not in result.stdout and "size" not in result.stdout  # it printed "stored NonexNone"
+    assert sample["txt"].decode().split()[0] in text and not list(tmp_path.iterdir())  # no image, no grid
+
+
 def test_show_first_n_of_a_source(tokenized, tmp_path):
     result = runner.invoke(app, ["show", str(tokenized), "--source", "coco", "--n", "3", "--to", str(tmp_path)])
     assert result.exit_code == 0, result.output

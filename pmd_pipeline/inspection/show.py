@@ -149,7 +149,9 @@ def describe(sample: dict, files: list[Path]) -> str:
     lines += [f"[bold]caption[/]  {shown(c)}" for c in captions] or ["[bold]caption[/]  - (image only)"]
     lines.append(f"[bold]url[/]      {shown(meta.get('url') or meta.get('image_path') or '-')}")
     lines.append(f"[bold]licence[/]  {shown(meta.get('license') or '-')}")
-    if "width" in meta:
+    if IMAGE_EXT not in sample:  # text_corpus: its json has width None, which printed as "NonexNone"
+        lines.append("[bold]image[/]    none (a text-only sample)")
+    elif meta.get("width") is not None:
         size = (
             f"stored {meta['width']}x{meta['height']}, original "
             f"{meta.get('original_width')}x{meta.get('original_height')}, crop {meta.get('crop_box') or '-'}"
@@ -157,7 +159,9 @@ def describe(sample: dict, files: list[Path]) -> str:
         lines.append(f"[bold]size[/]     {shown(size)}")
     if meta.get("meta") and isinstance(meta["meta"], dict) and "label" in meta["meta"]:
         lines.append(f"[bold]label[/]    {shown(meta['meta']['label'])}")
-    lines.append(f"[bold]tokens[/]   {'14x14 dVAE grid' if TOKENS_EXT in sample else 'none'}")
+    tokens = "14x14 dVAE grid" if TOKENS_EXT in sample else "none"
+    tokens += "" if IMAGE_EXT in sample else " (no image to tokenize)"
+    lines.append(f"[bold]tokens[/]   {tokens}")
     lines.append(f"[bold]shard[/]    {shown(sample['source_tar'])}")
     lines += [f"[bold]wrote[/]    {shown(f)}" for f in files]
     return "\n".join(lines)
