@@ -239,6 +239,77 @@ def test_plots_are_written_as_png(tokenized, tmp_path):
             assert image.format == "PNG" and image.width >= 600
 
 
+@pytest.fixture(scope="module")
+def charted(tokenized):
+    """(report with code counts, written rows per source, colours): what write_plots draws from."""
+    from pmd_pipeline.inspection.plots import source_colours
+    from pmd_pipeline.inspection.stats_view import with_paper_figures
+
+    report = with_paper_figures(collect_stats(tokenized, sample_shards=0))
+    rows = {name: written_rows(tokenized, name, 0)[0] for name in report["sources"]}
+    return report, rows, source_colours(list(report["sources"]))
+
+
+def test_caption_bins_cover_the_longest_passage_of_every_source(charted):
+    from pmd_pipeline.inspection.plots import caption_length_figure
+
+    report, rows, colours = charted
+    panels = {ax.get_title().split(" (")[0]: ax for ax in caption_length_figure(rows, report, colours).axes}
+    longest = {}
+    for name, frame in rows.items():
+        words = frame["words"].list.explode().drop_nulls().to_numpy()
+        if not len(words):
+            continue
+        bars = panels[name].patches
+        longest[name] = int(words.max())
+        assert sum(bar.get_height() for bar in bars) == len(words), name  # no caption outside the bins
+        assert bars[-1].get_x() + bars[-1].get_width() > words.max() >= bars[-1].get_x(), name
+        assert {bar.get_facecolor()[:3] for bar in bars} == {tuple(colours[name][:3])}
+    assert longest["text_corpus"] > 80  # the passages the old 80-word cap cut off
+
+
+def test_an_image_only_source_says_no_captions(charted):
+    from pmd_pipeline.inspection.plots import caption_length_figure
+
+    report, rows, colours = charted
+    imagenet = next(
+        ax for ax in caption_length_figure(rows, report, colours).axes if ax.get_title().startswith("imagenet")
+    )
+    assert not imagenet.patches
+    images = report["sources"]["imagenet"]["samples_written"]
+    assert [t.get_text() for t in imagenet.texts] == [f"no captions\n({images:,} images without text)"]
+
+
+def test_every_source_has_a_colour_of_its_own(charted):
+    from pmd_pipeline.inspection.plots import image_size_figure, source_colours
+
+    report, rows, colours = charted
+    for names in (list(REGISTRY), [f"source_{i}" for i in range(25)]):  # 14 sources outgrew the 10-colour cycle
+        assert len(set(source_colours(names).values())) == len(names)
+    sizes = image_size_figure(rows, colours).axes[0]
+    drawn = {c.get_label(): tuple(c.get_facecolor()[0][:3]) for c in sizes.collections}
+    with_images = [n for n, f in rows.items() if f["original_width"].drop_nulls().len()]
+    assert sorted(drawn) == sorted(with_images) and "text_corpus" not in drawn and len(drawn) > 10
+    assert len(set(drawn.values())) == len(drawn)
+    assert all(drawn[n] == tuple(colours[n][:3]) for n in drawn)  # the same colour as its caption panel
+
+
+def test_codebook_usage_is_on_log_axes_with_every_used_code(charted):
+    from pmd_pipeline.inspection.plots import codebook_figure
+
+    report, _, _ = charted
+    tokens = report["total"]["tokens"]
+    rank = codebook_figure(report).axes[0]
+    assert rank.get_xscale() == rank.get_yscale() == "log"
+    (line,) = rank.lines
+    x, y = line.get_data()
+    assert len(x) == tokens["codes_used"] == 300 and y.min() > 0  # no unused code squashed onto the axis
+    right = rank.transAxes.inverted().transform(rank.transData.transform((x.max(), y.min())))[0]
+    assert right > 0.6  # the 300 used codes span most of the width (on a linear axis: the first 4%)
+    assert y[0] == tokens["top_codes"][0][1]
+    assert f"{8192 - 300:,} codes never used" in [t.get_text() for t in rank.get_legend().get_texts()]
+
+
 def test_the_bench_baseline_reads_the_same_numbers_from_the_tars(tmp_path):
     from benchmarks.bench_stats import make_build, numbers_from_tars
 
