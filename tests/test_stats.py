@@ -239,6 +239,21 @@ def test_plots_are_written_as_png(tokenized, tmp_path):
             assert image.format == "PNG" and image.width >= 600
 
 
+def test_no_codebook_chart_when_only_text_shards_were_tokenized(embedded_build, tmp_path):
+    from tests.inspect_helpers import tokenize_shard
+
+    out = copy_build(embedded_build[0], tmp_path / "out")
+    tokenize_shard(out / "text_corpus" / "00000.tar", np.random.default_rng(0))  # a sidecar, no images
+    result = runner.invoke(app, ["stats", str(out), "--plots", str(tmp_path / "plots"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["total"]["tokens"]["shards_tokenized"] == 1
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "caption_words.png",
+        "failure_reasons.png",
+        "image_sizes.png",
+    ]
+
+
 @pytest.fixture(scope="module")
 def charted(tokenized):
     """(report with code counts, written rows per source, colours): what write_plots draws from."""

@@ -29,7 +29,7 @@ TAB20_ORDER = [*range(0, 20, 2), *range(1, 20, 2)]
 
 
 def write_plots(out: Path, report: dict, folder: Path, sample_shards: int) -> list[Path]:
-    """Write the charts; returns the files written (codebook usage only when some shard is tokenized)."""
+    """Write the charts; returns the files written (codebook usage only when some image is tokenized)."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = {name: written_rows(out, name, sample_shards)[0] for name in report["sources"]}
     colours = source_colours(list(report["sources"]))
@@ -38,7 +38,7 @@ def write_plots(out: Path, report: dict, folder: Path, sample_shards: int) -> li
         "failure_reasons.png": reasons_figure(report),
         "image_sizes.png": image_size_figure(rows, colours),
     }
-    if report["total"]["tokens"]["shards_tokenized"]:
+    if report["total"]["tokens"]["samples_tokenized"]:  # text-only shards have sidecars but no codes
         figures["codebook_usage.png"] = codebook_figure(report)
     return [_save(fig, folder / name) for name, fig in figures.items()]
 
