@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import yaml
 
+from pmd_pipeline.indexes import ordered_sources, task_of
 from shards.files import atomic_write_bytes
 from shards.layout import CARD_FILE, TAR_SUFFIX
 from shards.schema import hf_features
-from sources import REGISTRY, UNIMODAL
+from sources import REGISTRY
 
 ALL = "all"
 
 
 def card_text(manifest: dict) -> str:
-    sources = list(manifest["sources"])
+    sources = ordered_sources(manifest)
     return f"---\n{yaml.safe_dump(card_metadata(sources), sort_keys=False, width=120)}---\n\n{_prose(manifest)}"
 
 
@@ -43,7 +44,7 @@ def card_metadata(sources: list[str]) -> dict:
 
 
 def _prose(manifest: dict) -> str:
-    rows = [_source_row(name, entry) for name, entry in manifest["sources"].items()]
+    rows = [_source_row(name, manifest["sources"][name]) for name in ordered_sources(manifest)]
     totals = manifest["totals"]
     return f"""# PMD, rebuilt
 
@@ -82,5 +83,5 @@ folder a line; `shards_pairs.txt`, `shards_image.txt`, `shards_text.txt` per tas
 def _source_row(name: str, entry: dict) -> str:
     source = REGISTRY.get(name)
     title, licence = (source.info.title, source.info.license) if source else (name, "see the source")
-    task = UNIMODAL.get(name, "pairs")
-    return f"| `{name}` | {title} | {task} | {entry['samples_written']:,} | {entry['pairs_written']:,} | {licence} |"
+    counts = f"{entry['samples_written']:,} | {entry['pairs_written']:,}"
+    return f"| `{name}` | {title} | {task_of(name)} | {counts} | {licence} |"

@@ -2,10 +2,9 @@
 
 Per source folder: webdataset's `sizes.json` ({tar name: samples}, as open_clip reads it) and a wids
 `shardindex.json`. At OUT: `sizes.json` keyed by the path under OUT, one wids index naming every tar, shard lists
-(one path under OUT a line: every tar, and the tars of each training task), the dataset card (pmd_pipeline.card),
-and, for a local OUT, the flat view `_flat/pmd-NNNNN.tar`: links numbered across the build, with a `sizes.json` of
-their own, because open_clip looks sizes up by file name in the first shard's folder and every source folder has
-its own 00000.tar.
+(one path under OUT a line: every tar, and the tars of each training task) and, for a local OUT, the flat view
+`_flat/pmd-NNNNN.tar`: links numbered across the build, with a `sizes.json` of their own, because open_clip looks
+sizes up by file name in the first shard's folder and every source folder has its own 00000.tar.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from pmd_pipeline.card import write_card
 from pmd_pipeline.storage import is_remote, remove_tree
 from shards.files import atomic_write_bytes, atomic_write_json, owned_path
 from shards.layout import FLAT_FOLDER, SHARD_LISTS, SIZES_FILE, WIDS_INDEX, flat_name
@@ -39,10 +37,14 @@ def task_of(source: str) -> str:
     return UNIMODAL.get(source, "pairs")
 
 
+def ordered_sources(manifest: dict) -> list[str]:
+    """Pairs sources first, then image-only, then text-only; by name within (the saved manifest's order)."""
+    return sorted(manifest["sources"], key=lambda name: (TASKS.index(task_of(name)), name))
+
+
 def build_tars(manifest: dict) -> list[Tar]:
-    """Every tar the manifest lists, pairs sources first, then image-only, then text-only (manifest order within)."""
-    sources = sorted(manifest["sources"], key=lambda name: TASKS.index(task_of(name)))  # stable: keeps the order
-    files = [(name, f) for name in sources for f in manifest["sources"][name]["shard_files"]]
+    """Every tar the manifest lists, in ordered_sources' order and index order within a source."""
+    files = [(name, f) for name in ordered_sources(manifest) for f in manifest["sources"][name]["shard_files"]]
     return [Tar(name, f["tar"], f["samples"], f["bytes"]) for name, f in files]
 
 
@@ -57,7 +59,6 @@ def write_build_indexes(out: Path, manifest: dict) -> None:
         atomic_write_bytes(out / file_name, "".join(f"{p}\n" for p in listed).encode(), within=out)
     if not is_remote(out):
         write_flat_view(out, tars)
-    write_card(out, manifest)
 
 
 def write_source_indexes(folder: Path, tars: list[Tar], within: Path) -> None:

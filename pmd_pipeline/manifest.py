@@ -7,6 +7,7 @@ import json
 from importlib import metadata
 from pathlib import Path
 
+from pmd_pipeline.card import write_card
 from pmd_pipeline.config import BuildConfig
 from pmd_pipeline.fetch.downloads import records
 from pmd_pipeline.indexes import write_build_indexes
@@ -55,6 +56,7 @@ def write_manifest(cfg: BuildConfig) -> dict:
     }
     atomic_write_json(out / MANIFEST_FILE, manifest, within=out)
     write_build_indexes(out, manifest)
+    write_card(out, manifest)
     return manifest
 
 
