@@ -21,7 +21,7 @@ from pmd_pipeline.indexes import write_build_indexes
 from pmd_pipeline.storage import as_path
 from shards.schema import JSON_SCHEMA, SAMPLE_SCHEMA, hf_features, json_problems
 from sources import get_source
-from tests.inspect_helpers import tar_samples
+from tests.inspect_helpers import copy_build, tar_samples, tokenize_build
 from tests.s3_server import s3_server
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -205,3 +205,20 @@ def test_the_card_names_only_tars_and_says_what_the_build_is(out):
 
 def _as_list(value) -> list[str]:
     return value if isinstance(value, list) else [value]
+
+
+def test_rewritten_tars_get_fresh_indexes_with_the_manifest(out, tmp_path):
+    """`pmd tokenize` rewrites every tar (tokens added) and then the manifest: the indexes follow the new sizes."""
+    from pmd_pipeline.manifest import write_manifest
+    from pmd_pipeline.output import saved_config
+
+    copy = tokenize_build(copy_build(out, tmp_path / "pmd_out"))
+    write_manifest(saved_config(copy))
+    index = json.loads((copy / "shardindex.json").read_text())
+    assert index["shardlist"] and all(s["filesize"] == (copy / s["url"]).stat().st_size for s in index["shardlist"])
+    assert json.loads((copy / "coco" / "shardindex.json").read_text())["shardlist"][0]["filesize"] == (
+        (copy / "coco" / "00000.tar").stat().st_size
+    )
+    flat = sorted((copy / "_flat").glob("pmd-*.tar"))
+    assert all(p.is_symlink() and p.read_bytes() == (copy / os.readlink(p)[3:]).read_bytes() for p in flat)
+    assert "random" in (copy / "README.md").read_text()  # the card says what made the tokens
