@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import webdataset as wds
@@ -207,7 +208,7 @@ def _as_list(value) -> list[str]:
     return value if isinstance(value, list) else [value]
 
 
-def test_rewritten_tars_get_fresh_indexes_with_the_manifest(out, tmp_path):
+def test_rewritten_tars_get_fresh_indexes_with_the_manifest(out, tmp_path, monkeypatch):
     """`pmd tokenize` rewrites every tar (tokens added) and then the manifest: the indexes follow the new sizes."""
     from pmd_pipeline.manifest import write_manifest
     from pmd_pipeline.output import saved_config
@@ -222,3 +223,9 @@ def test_rewritten_tars_get_fresh_indexes_with_the_manifest(out, tmp_path):
     flat = sorted((copy / "_flat").glob("pmd-*.tar"))
     assert all(p.is_symlink() and p.read_bytes() == (copy / os.readlink(p)[3:]).read_bytes() for p in flat)
     assert "random" in (copy / "README.md").read_text()  # the card says what made the tokens
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    images = datasets.load_dataset(str(copy), "imagenet", split="train")
+    grids = [np.asarray(g) for g in images["dvae.npy"]]
+    assert len(grids) == len(tar_samples(copy, "imagenet")) and all(g.shape == (14, 14) for g in grids)
