@@ -52,11 +52,12 @@ PMD (Public Multimodal Datasets) is the image-text corpus FLAVA was pretrained o
 image-text pairs from public sources, here rebuilt from the sources' published files as webdataset shards, with
 ImageNet-style images and a text corpus for FLAVA's unimodal tasks where the build includes them.
 
-This build holds **{totals["samples_written"]:,} samples** and **{totals["pairs_written"]:,} image-text pairs** in
-{totals["shards"]:,} shards (format version {manifest["format_version"]}, config hash `{manifest["config_hash"]}`).
-Image tokens: {manifest["tokens"]["note"]}.
+This build holds **{totals["samples_written"]:,} samples** with **{totals["pairs_written"]:,} captions** (image-text
+pairs, and the passages of text-only sources) in {totals["shards"]:,} shards (format version
+{manifest["format_version"]}, config hash `{manifest["config_hash"]}`). Image tokens (`dvae.npy`):
+{manifest["tokens"]["note"]}.
 
-| config | source | task | samples | pairs | licence |
+| config | source | task | samples | captions | licence |
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
