@@ -7,8 +7,10 @@ import json
 from importlib import metadata
 from pathlib import Path
 
+from pmd_pipeline.card import write_card
 from pmd_pipeline.config import BuildConfig
 from pmd_pipeline.fetch.downloads import records
+from pmd_pipeline.indexes import write_build_indexes
 from pmd_pipeline.output import content_hash
 from pmd_pipeline.storage import as_path
 from shards.files import atomic_write_json
@@ -53,6 +55,8 @@ def write_manifest(cfg: BuildConfig) -> dict:
         },
     }
     atomic_write_json(out / MANIFEST_FILE, manifest, within=out)
+    write_build_indexes(out, manifest)
+    write_card(out, manifest)
     return manifest
 
 
@@ -73,12 +77,12 @@ def _source_entry(out: Path, source: str) -> dict:
 
 
 def _tar_state(out: Path, source: str, stats: dict) -> dict:
-    """The tar's current sha256: the tokenize sidecar's once tokens were added (the tar was rewritten)."""
+    """The tar's current sha256 and size: the tokenize sidecar's once tokens were added (the tar was rewritten)."""
     sidecar = ShardPaths(out, source, int(stats["shard"])).sidecar
     if not sidecar.exists():
-        return {"sha256": stats["tar_sha256"], "tokens": None}
+        return {"sha256": stats["tar_sha256"], "bytes": stats["tar_bytes"], "tokens": None}
     tokens = parse_sidecar(str(sidecar), with_codes=False)
-    return {"sha256": tokens["tar_sha256"], "tokens": tokens["codebook"]}
+    return {"sha256": tokens["tar_sha256"], "bytes": tokens["tar_bytes"], "tokens": tokens["codebook"]}
 
 
 def tokens_entry(out: Path, sources: dict) -> dict:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from pmd_pipeline.storage import local_scratch
 
-FORMAT_VERSION = 1  # bump when the shard layout changes; part of the config hash and the manifest
+# Bump when the shard layout changes; part of the config hash and the manifest. 2: one KEY.json schema for every
+# source (shards/schema.py), KEY.cls, and the build-wide indexes and dataset card.
+FORMAT_VERSION = 2
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 
@@ -22,6 +24,7 @@ IMAGE_EXT = "jpg"
 TEXT_EXT = "txt"  # the first caption
 JSON_EXT = "json"  # all captions, source, url, licence, original size, meta
 TOKENS_EXT = "dvae.npy"  # uint16 [14, 14] DALL-E dVAE codebook indices of exactly the stored pixels
+CLASS_EXT = "cls"  # the class index as ASCII digits (webdataset / timm convention), for labelled images only
 
 # The image tokens: DALL-E dVAE codebook indices on a 14x14 grid (224 px images, 16 px patches).
 TOKEN_GRID = (14, 14)
@@ -42,8 +45,16 @@ REJECTS_FILE = "_rejects.jsonl"  # OUT/<source>/: malformed raw records with fil
 CONFIG_FILE = "config.json"  # the resolved config and its hash: OUT belongs to this config
 MANIFEST_FILE = "manifest.json"  # written when a build completes
 PLAN_MARKER = "_plan.json"  # OUT/_plan/<source>/: the source is planned (rows, shards, rejects)
-SIZES_FILE = "sizes.json"  # per source folder, {tar name: samples}, as open_clip reads it
-WIDS_INDEX = "shardindex.json"  # per source folder, the format `widsindex create` writes
+SIZES_FILE = "sizes.json"  # {tar: samples}: per source folder by tar name (open_clip), at OUT by path under OUT
+WIDS_INDEX = "shardindex.json"  # the format `widsindex create` writes: per source folder, and at OUT for the build
+# At OUT: one URL per line, relative to OUT, naming every tar (all) or the tars of one training task.
+SHARD_LISTS = {"all": "shards.txt", "pairs": "shards_pairs.txt", "image": "shards_image.txt", "text": "shards_text.txt"}
+CARD_FILE = "README.md"  # the Hugging Face dataset card: configs per source and `all`, naming only the tars
+# OUT/_flat/pmd-NNNNN.tar: links to every tar, numbered across the build in shards.txt's order (pairs first), with
+# its sizes.json keyed by those names, so open_clip's `{00000..N}` and `a::b` lists and size lookup work across
+# sources. Local builds only: an object store has no links.
+FLAT_FOLDER = "_flat"
+FLAT_PREFIX = "pmd-"
 LOCK_FILE = ".pmd.lock"  # held (flock) by the one run that may write OUT; left in place, never deleted
 PLAN_FOLDER = "_plan"
 WORK_FOLDER = "_work"  # scratch space of running shard tasks; removed when the build completes
@@ -93,6 +104,10 @@ class ShardPaths:
 
     def is_done(self) -> bool:
         return self.stats.exists()
+
+
+def flat_name(index: int) -> str:
+    return f"{FLAT_PREFIX}{index:05d}{TAR_SUFFIX}"
 
 
 def plan_folder(out: Path, source: str) -> Path:

@@ -15,7 +15,8 @@ import polars as pl
 
 from pmd_pipeline.faults import crash_point
 from shards.files import atomic_path
-from shards.layout import IMAGE_EXT, JSON_EXT, TEXT_EXT, TOKENS_EXT, ShardPaths, check_safe_name
+from shards.layout import CLASS_EXT, IMAGE_EXT, JSON_EXT, TEXT_EXT, TOKENS_EXT, ShardPaths, check_safe_name
+from shards.schema import NO_CLASS, json_problems
 from shards.tar import write_tar
 
 WRITTEN, DROPPED, FAILED = "written", "dropped", "failed"
@@ -78,39 +79,52 @@ def _sample(row: dict, result: Fetched | None, tokens: bytes | None) -> dict:
     captions = row["kept_captions"] or []
     if result is None:  # text-only (a text corpus passage): KEY.txt and KEY.json, no image
         sample[TEXT_EXT] = captions[0].encode("utf-8")
-        sample[JSON_EXT] = json.dumps(_sample_json(row, Fetched()), ensure_ascii=False).encode("utf-8")
+        sample[JSON_EXT] = _json_bytes(_sample_json(row, Fetched()))
         return sample
     sample[IMAGE_EXT] = result.jpg
     if tokens is not None:
         sample[TOKENS_EXT] = tokens
     if captions:
         sample[TEXT_EXT] = captions[0].encode("utf-8")
-    sample[JSON_EXT] = json.dumps(_sample_json(row, result), ensure_ascii=False).encode("utf-8")
+    if row["cls"] is not None:
+        sample[CLASS_EXT] = str(row["cls"]).encode("ascii")
+    sample[JSON_EXT] = _json_bytes(_sample_json(row, result))
     return sample
 
 
 def _sample_json(row: dict, result: Fetched) -> dict:
-    return {
+    """KEY.json in the one schema of shards/schema.py: every key in every source, absent values typed empty."""
+    original = [result.original_width or 0, result.original_height or 0]
+    doc = {
         "key": row["key"],
         "source": row["source"],
         "captions": row["kept_captions"] or [],
         "caption_fields": row["kept_fields"] or [],
-        "url": row["image_url"],
+        "url": row["image_url"] or "",
         "image_path": _portable(row["image_path"]),
-        "crop_box": row["crop_box"],
-        "license": row["license"],
-        "original_width": result.original_width,
-        "original_height": result.original_height,
-        "width": result.width,
-        "height": result.height,
-        "meta": json.loads(row["meta"]) if row["meta"] else None,
+        "crop_box": list(row["crop_box"]) if row["crop_box"] is not None else [0, 0, *original],
+        "license": row["license"] or "",
+        "original_width": original[0],
+        "original_height": original[1],
+        "width": result.width or 0,
+        "height": result.height or 0,
+        "label": row["label"] or "",
+        "cls": NO_CLASS if row["cls"] is None else row["cls"],
+        "meta": row["meta"] or "{}",  # already JSON: sources encode their raw record with meta_json
     }
+    problems = json_problems(doc)
+    assert not problems, f"{row['key']}: KEY.json breaks the schema: {problems}"
+    return doc
 
 
-def _portable(image_path: str | None) -> str | None:
+def _json_bytes(doc: dict) -> bytes:
+    return json.dumps(doc, ensure_ascii=False).encode("utf-8")
+
+
+def _portable(image_path: str | None) -> str:
     """The archive's file name and the member: provenance that does not change with where files live."""
     if image_path is None:
-        return None
+        return ""
     archive, sep, member = image_path.partition("::")
     return f"{Path(archive).name}{sep}{member}"
 

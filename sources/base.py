@@ -31,6 +31,8 @@ CANDIDATE_SCHEMA = {
     "caption_mode": pl.Utf8,
     "license": pl.Utf8,
     "meta": pl.Utf8,  # the original raw record, as JSON
+    "label": pl.Utf8,  # the class name of a labelled image (ImageNet's wnid folder), else null
+    "cls": pl.Int64,  # that class's index (the shards' KEY.cls), else null
     "drop_reason": pl.Utf8,  # set when a source rule drops the row (e.g. karpathy_split_excluded), else null
 }
 

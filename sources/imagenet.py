@@ -1,6 +1,7 @@
 """Unimodal images: an ImageNet-1k style folder (`train/<wnid>/<file>.JPEG`) or any image folder or tar.
 
-Image-only samples (no caption) for masked image modeling; the class folder is kept as the label.
+Image-only samples (no caption) for masked image modeling; the class folder is kept as the label, and its
+index among the sorted class folders (torchvision ImageFolder's rule: ImageNet-1k's wnids give 0..999) as `cls`.
 """
 
 from __future__ import annotations
@@ -33,15 +34,13 @@ def read(cfg: SourceConfig, rejects: RejectLog, batch_rows: int = 20_000) -> Ite
     root = cfg.images.get("root")
     if not root:
         raise PmdError(f'source {cfg.name}: set [sources.{cfg.name}.images] root = "<image folder or .tar>"')
-    members = _tar_members(as_path(root)) if as_path(root).is_file() else _folder_files(as_path(root))
-    batch = []
-    for relative, image_path in members:
-        batch.append(_row(relative, image_path))
-        if len(batch) >= batch_rows:
-            yield candidates_frame(batch)
-            batch = []
-    if batch:
-        yield candidates_frame(batch)
+    # Listed whole before the first row: a class's index needs every class (the listing is sorted anyway).
+    members = list(_tar_members(as_path(root)) if as_path(root).is_file() else _folder_files(as_path(root)))
+    labels = sorted({_label(relative) for relative, _ in members} - {None})
+    classes = {label: index for index, label in enumerate(labels)}
+    for start in range(0, len(members), batch_rows):
+        batch = members[start : start + batch_rows]
+        yield candidates_frame([_row(relative, path, classes) for relative, path in batch])
 
 
 def _folder_files(root: Path) -> Iterator[tuple[str, str]]:
@@ -63,9 +62,14 @@ def _tar_members(root: Path) -> Iterator[tuple[str, str]]:
             yield name, f"{url_of(root)}::{name}"
 
 
-def _row(relative: str, image_path: str) -> dict:
+def _label(relative: str) -> str | None:
+    """The class folder an image lies in (None for an image at the root)."""
     parts = Path(relative).parts
-    label = parts[-2] if len(parts) >= 2 else None
+    return parts[-2] if len(parts) >= 2 else None
+
+
+def _row(relative: str, image_path: str, classes: dict[str, int]) -> dict:
+    label = _label(relative)
     return {
         "key": make_key("imagenet", Path(relative).as_posix()),  # the whole path: a/b_c.jpg and a_b/c.png differ
         "source": INFO.name,
@@ -75,6 +79,8 @@ def _row(relative: str, image_path: str) -> dict:
         "caption_mode": "image_only",
         "license": INFO.license,
         "meta": meta_json({"file": relative, "label": label}),
+        "label": label,
+        "cls": classes.get(label),
     }
 
 

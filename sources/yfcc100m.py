@@ -120,6 +120,8 @@ def candidates(lines: pl.Series, file_lines: pl.Series) -> pl.DataFrame:
         caption_mode=pl.lit("first_passing"),
         license=pl.col("license_name").str.replace_all(r"\+", " "),
         meta=pl.struct(*META_COLUMNS, "file_line").struct.json_encode(),
+        label=pl.lit(None, dtype=pl.Utf8),
+        cls=pl.lit(None, dtype=pl.Int64),
         drop_reason=pl.when(pl.col("marker") != "0").then(pl.lit("not_a_photo")).otherwise(None),
     ).cast(CANDIDATE_SCHEMA)
 

@@ -136,7 +136,8 @@ def test_unimodal_and_cropped_samples_have_their_own_formats(embedded_build):
     assert all(len(s["txt"].decode().split()) <= 120 for s in text)
     images = [s for s in wds.WebDataset(spine_like(out, "imagenet"), shardshuffle=False)]
     assert len(images) == 18 and all("txt" not in s and jpeg_size(s["jpg"]) == (224, 224) for s in images)
-    assert {json.loads(s["json"])["meta"]["label"] for s in images} == {"n01440764", "n02102040", "n03888257"}
+    labels = {(json.loads(s["json"])["label"], int(s["cls"])) for s in images}  # the class also as KEY.cls
+    assert labels == {("n01440764", 0), ("n02102040", 1), ("n03888257", 2)}
     regions = [json.loads(s["json"]) for s in wds.WebDataset(spine_like(out, "visual_genome"), shardshuffle=False)]
     assert regions and all(
         r["crop_box"] and r["original_width"] == r["crop_box"][2] - r["crop_box"][0] for r in regions

@@ -126,8 +126,25 @@ def test_unimodal_sources_need_their_own_members(embedded_build):
     assert check_sample("imagenet", image_only) == []
     assert check_sample("coco", image_only) == ["missing .txt"]
     assert check_sample("text_corpus", {"txt": b"a passage of text"}) == []
-    assert check_sample("text_corpus", {"json": b"{}"}) == ["missing .txt"]
+    passage = next(iter(tar_samples(embedded_build[0], "text_corpus").values()))
+    assert check_sample("text_corpus", {"json": passage["json"]}) == ["missing .txt"]
     assert check_sample("text_corpus", {"txt": b"  "}) == [".txt: empty caption"]
+
+
+def test_json_off_the_schema_and_a_wrong_class_are_caught(embedded_build):
+    from pmd_pipeline.inspection.verify import check_sample
+
+    image = next(iter(tar_samples(embedded_build[0], "imagenet").values()))
+    assert check_sample("imagenet", image) == []
+    doc = json.loads(image["json"])
+    off_schema = {**image, "json": json.dumps({**doc, "url": None, "meta": {"label": "x"}}).encode()}
+    assert check_sample("imagenet", off_schema) == [
+        ".json: breaks the sample schema: url = None is not string; meta = {'label': 'x'} is not string"
+    ]
+    assert check_sample("imagenet", {**image, "cls": b"7"}) == [f".cls is 7, .json says cls {doc['cls']}"]
+    assert check_sample("imagenet", {**image, "cls": b"n01440764"})[0].startswith(".cls: b'n01440764' is not")
+    without = {k: v for k, v in image.items() if k != "cls"}
+    assert check_sample("imagenet", without) == [f".cls is missing, .json says cls {doc['cls']}"]
 
 
 def test_source_option_narrows_the_check(damaged):

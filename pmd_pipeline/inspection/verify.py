@@ -1,7 +1,8 @@
 """`pmd verify`: re-read every tar, check each sample and the counts and sha256 against the manifest.
 
-Also writes, per source folder, webdataset's `sizes.json` ({tar name: samples}, as open_clip reads it) and
-a wids shard index `shardindex.json` (the format `widsindex create` writes), so the shards open in wids.
+Also rewrites, per source folder, webdataset's `sizes.json` ({tar name: samples}, as open_clip reads it) and
+a wids shard index `shardindex.json` (the format `widsindex create` writes) from the samples it counted; the build
+writes them, and the build-wide ones, with the manifest (pmd_pipeline.indexes).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.indexes import Tar, write_source_indexes
 from pmd_pipeline.inspection import console_for
-from shards.files import atomic_write_json
 from shards.layout import (
+    CLASS_EXT,
     CODEBOOK_SIZE,
     IMAGE_EXT,
     JSON_EXT,
@@ -36,9 +38,10 @@ from shards.layout import (
     WIDS_INDEX,
     shard_tars,
 )
+from shards.schema import json_problems
 from shards.stats import source_names
 
-KNOWN_EXTS = {IMAGE_EXT, TEXT_EXT, JSON_EXT, TOKENS_EXT}
+KNOWN_EXTS = {IMAGE_EXT, TEXT_EXT, JSON_EXT, TOKENS_EXT, CLASS_EXT}
 IMAGE_ONLY_SOURCES = {"imagenet"}  # the shared contract: unimodal sources write their own shard sets
 TEXT_ONLY_SOURCES = {"text_corpus"}
 TOKEN_SHAPE = (14, 14)
@@ -58,7 +61,8 @@ def run_verify(out: Path, source: str | None = None) -> bool:
     """Verify, write the indexes, print a report; True when nothing is wrong."""
     checks = verify_build(out, source)
     for name, shard_checks in checks.items():
-        write_indexes(out / name, [c for c in shard_checks if (out / c.tar).exists()])
+        found = [Tar(name, c.tar, c.samples, c.bytes) for c in shard_checks if (out / c.tar).exists()]
+        write_source_indexes(out / name, found, within=out)
     _report(checks)
     return not any(c.problems for cs in checks.values() for c in cs)
 
@@ -135,15 +139,31 @@ def required_members(source: str) -> set[str]:
 def check_sample(source: str, members: dict[str, bytes]) -> list[str]:
     """Problems of one sample: missing members, an image that does not decode, bad JSON or tokens."""
     problems = [f"missing .{ext}" for ext in sorted(required_members(source) - members.keys())]
-    checkers = {IMAGE_EXT: _check_jpg, JSON_EXT: _check_json, TEXT_EXT: _check_txt, TOKENS_EXT: _check_tokens}
+    checkers = {
+        IMAGE_EXT: _check_jpg,
+        JSON_EXT: _check_json,
+        TEXT_EXT: _check_txt,
+        TOKENS_EXT: _check_tokens,
+        CLASS_EXT: _check_cls,
+    }
     for ext, data in members.items():
         problem = checkers[ext](data)
         if problem:
             problems.append(f".{ext}: {problem}")
-    if not problems and {TEXT_EXT, JSON_EXT} <= members.keys():
-        captions = json.loads(members[JSON_EXT]).get("captions")
-        if captions and members[TEXT_EXT].decode("utf-8") != captions[0]:
-            problems.append(".txt is not the first caption of .json")
+    if not problems and JSON_EXT in members:
+        problems += _agrees_with_json(json.loads(members[JSON_EXT]), members)
+    return problems
+
+
+def _agrees_with_json(doc: dict, members: dict[str, bytes]) -> list[str]:
+    """KEY.txt is the first caption, KEY.cls the class index, as KEY.json says."""
+    problems = []
+    captions = doc["captions"]
+    if TEXT_EXT in members and captions and members[TEXT_EXT].decode("utf-8") != captions[0]:
+        problems.append(".txt is not the first caption of .json")
+    cls = int(members[CLASS_EXT]) if CLASS_EXT in members else -1
+    if cls != doc["cls"]:
+        problems.append(f".cls is {cls if CLASS_EXT in members else 'missing'}, .json says cls {doc['cls']}")
     return problems
 
 
@@ -158,9 +178,17 @@ def _check_jpg(data: bytes) -> str | None:
 
 def _check_json(data: bytes) -> str | None:
     try:
-        return None if isinstance(json.loads(data), dict) else "not a JSON object"
+        doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         return f"does not parse ({err})"
+    if not isinstance(doc, dict):
+        return "not a JSON object"
+    problems = json_problems(doc)
+    return f"breaks the sample schema: {'; '.join(problems[:3])}" if problems else None
+
+
+def _check_cls(data: bytes) -> str | None:
+    return None if data.isdigit() else f"{data[:20]!r} is not a class index in ASCII digits"
 
 
 def _check_txt(data: bytes) -> str | None:
@@ -203,17 +231,6 @@ def _check_counts(path: Path, listed: dict | None, digest: str, check: ShardChec
         check.problems.append(f"{check.tokens} samples carry tokens, _dvae.json says {sidecar['samples_tokenized']}")
 
 
-def write_indexes(folder: Path, checks: list[ShardCheck]) -> None:
-    """webdataset sizes.json and a wids shard index with paths relative to the folder (it moves with it)."""
-    if not checks:
-        return
-    names = {c.tar: Path(c.tar).name for c in checks}
-    atomic_write_json(folder / SIZES_FILE, {names[c.tar]: c.samples for c in checks}, within=folder.parent)
-    shardlist = [{"url": names[c.tar], "nsamples": c.samples, "filesize": c.bytes} for c in checks if c.samples]
-    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": folder.name, "shardlist": shardlist}
-    atomic_write_json(folder / WIDS_INDEX, index, within=folder.parent)
-
-
 def _report(checks: dict[str, list[ShardCheck]]) -> None:
     table = Table("source", "shards", "samples", "with tokens", "problems", title="pmd verify", title_justify="left")
     for name, cs in checks.items():
@@ -236,6 +253,6 @@ def _report(checks: dict[str, list[ShardCheck]]) -> None:
     if not listed:
         console.print(
             f"[green]✓[/] every sample complete; counts and sha256 match the manifest; {SIZES_FILE} and "
-            f"{WIDS_INDEX} written in each source folder",
+            f"{WIDS_INDEX} rewritten in each source folder",
             highlight=False,
         )
