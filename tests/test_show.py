@@ -43,7 +43,7 @@ def test_show_one_key_writes_its_image_and_token_grid(tokenized, tmp_path):
 
 def test_show_a_text_only_sample_says_it_has_no_image(tokenized, tmp_path):
     key, sample = next(iter(tar_samples(tokenized, "text_corpus").items()))
-    assert "jpg" not in sample and json.loads(sample["json"])["width"] is None
+    assert "jpg" not in sample and json.loads(sample["json"])["width"] == 0  # shards.schema: 0 without an image
     result = runner.invoke(app, ["show", str(tokenized), key, "--to", str(tmp_path)], env={"COLUMNS": "120"})
     assert result.exit_code == 0, result.output
     text = flat(result.stdout)
@@ -96,7 +96,7 @@ def hostile_build(tmp_path) -> tuple[Path, str]:
     (out / "config.json").write_text("{}")
     (out / "conceptual_captions").mkdir()
     meta = {"captions": [HOSTILE], "url": f"http://x.example/[/]{HOSTILE}", "license": "[red]" + HOSTILE}
-    meta["meta"] = {"label": HOSTILE}
+    meta["label"] = HOSTILE  # shards.schema: the class name is a top-level field
     image = io.BytesIO()
     Image.new("RGB", (8, 8)).save(image, "JPEG")
     members = [(f"{key}.jpg", image.getvalue()), (f"{key}.txt", HOSTILE.encode())]

@@ -149,16 +149,16 @@ def describe(sample: dict, files: list[Path]) -> str:
     lines += [f"[bold]caption[/]  {shown(c)}" for c in captions] or ["[bold]caption[/]  - (image only)"]
     lines.append(f"[bold]url[/]      {shown(meta.get('url') or meta.get('image_path') or '-')}")
     lines.append(f"[bold]licence[/]  {shown(meta.get('license') or '-')}")
-    if IMAGE_EXT not in sample:  # text_corpus: its json has width None, which printed as "NonexNone"
+    if IMAGE_EXT not in sample:  # text_corpus: no image, so no sizes to show
         lines.append("[bold]image[/]    none (a text-only sample)")
-    elif meta.get("width") is not None:
+    elif meta.get("width"):  # 0 when the json has no image sizes (shards.schema: typed empty values)
         size = (
             f"stored {meta['width']}x{meta['height']}, original "
             f"{meta.get('original_width')}x{meta.get('original_height')}, crop {meta.get('crop_box') or '-'}"
         )
         lines.append(f"[bold]size[/]     {shown(size)}")
-    if meta.get("meta") and isinstance(meta["meta"], dict) and "label" in meta["meta"]:
-        lines.append(f"[bold]label[/]    {shown(meta['meta']['label'])}")
+    if meta.get("label"):  # ImageNet-style classes: the folder's name, and KEY.cls its index
+        lines.append(f"[bold]label[/]    {shown(meta['label'])} (class {shown(meta.get('cls'))})")
     tokens = "14x14 dVAE grid" if TOKENS_EXT in sample else "none"
     tokens += "" if IMAGE_EXT in sample else " (no image to tokenize)"
     lines.append(f"[bold]tokens[/]   {tokens}")
