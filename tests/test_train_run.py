@@ -192,3 +192,20 @@ def test_global_batch_that_does_not_divide_is_refused_before_anything_is_written
     with pytest.raises(PmdError, match=r"optim.global_batch = 12 .* 8 x 1 = 8"):
         train(cfg, say=lambda _: None)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # W&B's service process takes ~30 s to start and stop on a shared 2-core box
+def test_wandb_logs_the_run_when_asked_and_a_fresh_run_starts_its_log_over(shards, tmp_path, monkeypatch):
+    """metrics.wandb = true: the run also logs to Weights & Biases (offline here: files in the run folder)."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"step": 1, "task": "left by an attempt killed before its first checkpoint"}\n')
+    cfg = _config(shards, run, batch_size=4, steps=2)
+    cfg.metrics.wandb = True
+    rows = _log(train(cfg, say=lambda _: None))
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["task"] in ("pairs", "image", "text")  # started over
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    assert (run / "wandb_id").read_text() in offline.name and list(offline.glob("*.wandb"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 
 from pmd_pipeline.errors import PmdError
@@ -62,6 +63,14 @@ class RunLog:
         if self.wandb:
             self.wandb.finish()
         return plot_losses(self.run_dir / LOG, self.run_dir / PLOT)
+
+
+def check_metrics(cfg: TrainConfig) -> None:
+    """Before anything runs: W&B asked for but not installed is a config error, not a crash at the first step."""
+    import importlib.util
+
+    if cfg.metrics.wandb and importlib.util.find_spec("wandb") is None:
+        raise PmdError("metrics.wandb = true but wandb is not installed: pip install wandb, or set it false")
 
 
 def scalars_of(row: dict) -> dict[str, float]:
@@ -119,14 +128,12 @@ def plot_losses(log: Path, png: Path) -> Path:
 
 
 def _wandb_run(cfg: TrainConfig, run_dir: Path):
-    try:
-        import wandb
-    except ImportError:
-        raise PmdError("metrics.wandb = true but wandb is not installed: pip install wandb, or set it false") from None
+    import wandb
+
     # One W&B run per run folder: its id is kept there, so a resumed run continues the same W&B run.
     id_file = run_dir / "wandb_id"
     if not id_file.exists():
-        id_file.write_text(wandb.util.generate_id())
+        id_file.write_text(uuid.uuid4().hex[:12])
     return wandb.init(
         project=cfg.metrics.wandb_project, name=run_dir.name, id=id_file.read_text().strip(), resume="allow",
         dir=str(run_dir), config=as_dict(cfg),

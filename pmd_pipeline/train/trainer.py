@@ -36,7 +36,7 @@ from pmd_pipeline.train.distributed import (
     no_sync_unless,
     prepare_training,
 )
-from pmd_pipeline.train.metrics import TENSORBOARD, RunLog
+from pmd_pipeline.train.metrics import TENSORBOARD, RunLog, check_metrics
 from pmd_pipeline.train.model import CachedFeatures, build_model, loss_counts
 from pmd_pipeline.train.preflight import preflight
 from pmd_pipeline.train.sampling import TASKS, task_for_step
@@ -48,6 +48,7 @@ def train(cfg: TrainConfig, resume: bool = False, say=print) -> Path:
     rank, world, device = init_distributed()
     run_dir = Path(cfg.run_dir)
     accum = accumulation(cfg, world)  # checked before anything is written
+    check_metrics(cfg)
     existing = last_checkpoint(run_dir)
     if existing is not None and not resume:
         raise PmdError(
