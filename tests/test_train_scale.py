@@ -159,4 +159,4 @@ def test_flava_full_config_is_the_papers_model_and_recipe_on_an_8_gpu_node():
     assert model.flava.image_model.config.num_hidden_layers == 12
     assert model.flava.multimodal_model.config.num_hidden_layers == 6
     params = sum(p.numel() for p in model.parameters())
-    assert 300e6 < params < 400e6, params
+    assert 300e6 < params < 310e6, params  # 303M with the MIM/MLM/MMM/ITM heads, 241M in FlavaModel
