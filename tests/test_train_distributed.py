@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.train.checkpoint import restore_rng
-from pmd_pipeline.train.distributed import next_batch_everywhere
+from pmd_pipeline.train.distributed import mean_over_ranks, next_batch_everywhere
 from pmd_pipeline.train.losses import global_contrastive
 from pmd_pipeline.train.sampling import task_for_step
 from pmd_pipeline.train.trainer import train
@@ -70,7 +70,8 @@ def _worker(rank: int, init_file: str, out: str):
             stopped = False
         except PmdError:
             stopped = True
-        torch.save((grads, tasks, stopped), f"{out}/rank{rank}.pt")
+        logged = mean_over_ranks({"mlm": torch.tensor(float(rank + 1))}, WORLD)  # what rank 0 logs of a step
+        torch.save((grads, tasks, stopped, logged), f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -87,6 +88,7 @@ def test_two_ranks_match_the_full_batch_and_each_other(tmp_path):
     # The gradient reaches the other rank's rows only through the all-gather: without it they would differ.
     assert by_rank[0][1] == by_rank[1][1]  # same task at every step on every rank
     assert by_rank[0][2] and by_rank[1][2]  # rank 1 ran out of data: both ranks stop, neither hangs
+    assert by_rank[0][3] == by_rank[1][3] == {"mlm": 1.5}  # logged losses: the mean over the ranks
 
 
 def _train_worker(rank: int, init_file: str, shards: str, run_dir: str, fsdp: bool, resume: bool):
@@ -208,7 +210,8 @@ def _accumulation_worker(rank: int, init_file: str, batches: str, out: str, fsdp
         results, units = {}, []
         for parts in (1, 2):
             torch.manual_seed(0)
-            model = build_model(ModelConfig(), vocab, 32)
+            # FSDP accumulates with activation checkpointing on, as configs/flava_full.toml trains
+            model = build_model(ModelConfig(activation_checkpointing=fsdp and parts > 1), vocab, 32)
             tasks, _ = wrap(FlavaTasks(model), cfg, torch.device("cpu"), WORLD)
             losses = accumulate_gradients(tasks, "pairs", _split(batch, parts), cfg, torch.device("cpu"))
             if fsdp:
@@ -228,7 +231,8 @@ def _accumulation_worker(rank: int, init_file: str, batches: str, out: str, fsdp
 def test_accumulation_across_ranks_equals_the_big_batch(tmp_path, fsdp):
     """On 2 ranks, 2 accumulated micro-batches of 4 per rank (reduced at the last one only: no_sync before) give
     the gradients of 8 per rank, global contrastive negatives from both ranks' cached features included. Under
-    FSDP each FlavaLayer is its own unit (plus the root), and the gathered gradients are the same."""
+    FSDP each FlavaLayer is its own unit (plus the root), and the gathered gradients are the same, with
+    activation checkpointing on in the accumulated run."""
     from tests.test_train_scale import BATCH, assert_grads_equal
 
     assert BATCH == 8
