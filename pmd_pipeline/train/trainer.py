@@ -47,15 +47,9 @@ def train(cfg: TrainConfig, resume: bool = False, say=print) -> Path:
     """Run (or continue) a pretraining run; returns the run folder, which holds log.jsonl and checkpoints."""
     rank, world, device = init_distributed()
     run_dir = Path(cfg.run_dir)
-    accum = accumulation(cfg, world)  # checked before anything is written
+    accum = accumulation(cfg, world)  # the config's mistakes are found before anything is written
     check_metrics(cfg)
-    existing = last_checkpoint(run_dir)
-    if existing is not None and not resume:
-        raise PmdError(
-            f"{run_dir} already holds checkpoints (last: {existing.name}): use --resume to continue that run, "
-            "or a new run folder (run_dir in the config, or --run-dir) for a new one"
-        )
-    state = _resume_state(run_dir, cfg) if resume else None
+    state = _resume_state(run_dir, cfg) if resume else _refuse_a_used_folder(run_dir)
     report = preflight(cfg.data)
     for note in report.notes:
         say(f"note: {note}")
@@ -82,12 +76,24 @@ def train(cfg: TrainConfig, resume: bool = False, say=print) -> Path:
     tasks, optimizer, scheduler, snapshot = prepare_training(model, cfg, device, rank, world, state)
     loaders = _Loaders(cfg, report, str(tok_dir), rank, world, consumed)
     log = RunLog(run_dir, cfg, start) if rank == 0 else None
-    _loop(cfg, tasks, snapshot, optimizer, scheduler, loaders, start, accum, world, device, report, log, say)
-    if log:
-        png = log.close()
+    try:
+        _loop(cfg, tasks, snapshot, optimizer, scheduler, loaders, start, accum, world, device, report, log, say)
+    finally:  # a run stopped by an error keeps the metrics of the steps it did
+        png = log.close() if log else None
+    if png:
         say(f"done: {cfg.optim.steps} steps; checkpoint {last_checkpoint(run_dir)}; loss curves {png}"
             + (f"; tensorboard --logdir {run_dir / TENSORBOARD}" if cfg.metrics.tensorboard else ""))  # fmt: skip
     return run_dir
+
+
+def _refuse_a_used_folder(run_dir: Path) -> None:
+    """A fresh run never trains over another run's checkpoints (it would overwrite them from step 1)."""
+    existing = last_checkpoint(run_dir)
+    if existing is not None:
+        raise PmdError(
+            f"{run_dir} already holds checkpoints (last: {existing.name}): use --resume to continue that run, "
+            "or a new run folder (run_dir in the config, or --run-dir) for a new one"
+        )
 
 
 def _resume_state(run_dir: Path, cfg: TrainConfig) -> dict:
