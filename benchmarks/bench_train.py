@@ -199,7 +199,7 @@ def _step_times(task, batch, tok, cfg) -> tuple[float, float, float]:
     bare = build_model(STEP_MODEL, vocab, 32)
     bare.global_contrastive_weight = bare.config.global_contrastive_weight  # the stock model, as shipped
     bare_opt = torch.optim.AdamW(bare.parameters(), lr=1e-4)
-    ours = lambda: train_step(tasks, ours_opt, ours_sched, task, batch, cfg, torch.device("cpu"))  # noqa: E731
+    ours = lambda: train_step(tasks, ours_opt, ours_sched, task, [batch], cfg, torch.device("cpu"))  # noqa: E731
     theirs = lambda: _bare_step(bare, bare_opt, task, batch)  # noqa: E731
     ours(), theirs()  # warm-up
     ours_times, bare_times = [], []

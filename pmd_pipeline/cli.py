@@ -382,12 +382,14 @@ def _run_tokenize(out: Path, codebook: str | None, force: bool, precision: str |
 def pretrain(
     config: Path = typer.Argument(None, help="TOML pretrain config; none = the embedded tiny run on ./pmd_out."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
+    run_dir: str = typer.Option(None, "--run-dir", help="The run folder, instead of the config's run_dir."),
 ) -> None:
     """FLAVA joint pretraining on built shards (multi-GPU: torchrun ... -m pmd_pipeline.train CONFIG)."""
     from pmd_pipeline.train.__main__ import run_pretrain
 
     with _errors_as_messages():
-        run_pretrain(config, resume, say=lambda line: console.print(line, markup=False, highlight=False))
+        say = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
+        run_pretrain(config, resume, say=say, run_dir=run_dir)
 
 
 # --- how a run stops: SIGINT (Ctrl-C) and SIGTERM (a scheduler, `kill`) take the same clean way out ---

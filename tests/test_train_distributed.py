@@ -1,4 +1,5 @@
 """Two CPU processes (gloo): global contrastive gradients, same task on every rank, no hang on data failure,
+accumulated micro-batches across ranks (DDP and per-layer FSDP),
 the trainer under FSDP (same losses as DDP, full checkpoints on rank 0, exact resume), and the torchrun entry point."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.nn import functional as F
 
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.train.checkpoint import restore_rng
-from pmd_pipeline.train.distributed import next_batch_everywhere
+from pmd_pipeline.train.distributed import mean_over_ranks, next_batch_everywhere
 from pmd_pipeline.train.losses import global_contrastive
 from pmd_pipeline.train.sampling import task_for_step
 from pmd_pipeline.train.trainer import train
@@ -69,7 +70,8 @@ def _worker(rank: int, init_file: str, out: str):
             stopped = False
         except PmdError:
             stopped = True
-        torch.save((grads, tasks, stopped), f"{out}/rank{rank}.pt")
+        logged = mean_over_ranks({"mlm": torch.tensor(float(rank + 1))}, WORLD)  # what rank 0 logs of a step
+        torch.save((grads, tasks, stopped, logged), f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -86,6 +88,7 @@ def test_two_ranks_match_the_full_batch_and_each_other(tmp_path):
     # The gradient reaches the other rank's rows only through the all-gather: without it they would differ.
     assert by_rank[0][1] == by_rank[1][1]  # same task at every step on every rank
     assert by_rank[0][2] and by_rank[1][2]  # rank 1 ran out of data: both ranks stop, neither hangs
+    assert by_rank[0][3] == by_rank[1][3] == {"mlm": 1.5}  # logged losses: the mean over the ranks
 
 
 def _train_worker(rank: int, init_file: str, shards: str, run_dir: str, fsdp: bool, resume: bool):
@@ -187,3 +190,69 @@ def test_torchrun_entry_point_trains_like_the_spawned_ranks(spawned_run, tmp_pat
         assert a["losses"] == pytest.approx(b["losses"], rel=1e-5, abs=1e-6)
     saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert saved == ["step_00000003.pt", "step_00000006.pt"]
+
+
+def _accumulation_worker(rank: int, init_file: str, batches: str, out: str, fsdp: bool):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from transformers.models.flava.modeling_flava import FlavaLayer
+
+    from pmd_pipeline.train.config import ModelConfig, TrainConfig
+    from pmd_pipeline.train.distributed import wrap
+    from pmd_pipeline.train.model import FlavaTasks, build_model
+    from pmd_pipeline.train.trainer import accumulate_gradients
+    from tests.test_train_scale import _split
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        batch, vocab = torch.load(batches)
+        batch = {k: v[rank * 8 : (rank + 1) * 8] for k, v in batch.items()}  # this rank's 8 pairs
+        cfg = TrainConfig(fsdp=fsdp)
+        results, units = {}, []
+        for parts in (1, 2):
+            torch.manual_seed(0)
+            # FSDP accumulates with activation checkpointing on, as configs/flava_full.toml trains
+            model = build_model(ModelConfig(activation_checkpointing=fsdp and parts > 1), vocab, 32)
+            tasks, _ = wrap(FlavaTasks(model), cfg, torch.device("cpu"), WORLD)
+            losses = accumulate_gradients(tasks, "pairs", _split(batch, parts), cfg, torch.device("cpu"))
+            if fsdp:
+                units = [type(unit.module) for unit in FSDP.fsdp_modules(tasks)]
+                with FSDP.summon_full_params(tasks, with_grads=True):
+                    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            else:
+                grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results[parts] = ({k: v.item() for k, v in losses.items()}, grads)
+        torch.save((results, [u is FlavaLayer for u in units]), f"{out}/accum_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # ~1-2 minutes each on a shared 2-core box
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp per layer"])
+def test_accumulation_across_ranks_equals_the_big_batch(tmp_path, fsdp):
+    """On 2 ranks, 2 accumulated micro-batches of 4 per rank (reduced at the last one only: no_sync before) give
+    the gradients of 8 per rank, global contrastive negatives from both ranks' cached features included. Under
+    FSDP each FlavaLayer is its own unit (plus the root), and the gathered gradients are the same, with
+    activation checkpointing on in the accumulated run."""
+    from tests.test_train_scale import BATCH, assert_grads_equal
+
+    assert BATCH == 8
+    shards = make_pmd(tmp_path / "pmd", per_shard=16, shards=1)
+    from pmd_pipeline.train.data import TaskStream
+    from pmd_pipeline.train.tokenizer import train_wordpiece
+    from tests.train_fixtures import COLOURS, WORDS
+
+    tokenizer = train_wordpiece([f"a {c} " + " ".join(WORDS) for c in COLOURS] * 10, 120)
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    tars = [str(p) for p in sorted((shards / "cc3m").glob("*.tar"))]
+    stream = iter(TaskStream("pairs", tars, str(tmp_path / "tok"), 16, 32, seed=3, rank=0, world=1))
+    batch = {k: v.clone() for k, v in next(stream).items() if k != "failures"}  # own storage each, to be saved
+    torch.save((batch, len(tokenizer)), tmp_path / "batches.pt")
+    args = (str(tmp_path / "init"), str(tmp_path / "batches.pt"), str(tmp_path), fsdp)
+    mp.spawn(_accumulation_worker, args=args, nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        results, is_layer = torch.load(tmp_path / f"accum_rank{rank}.pt", weights_only=False)
+        (big_losses, big_grads), (losses, grads) = results[1], results[2]
+        assert losses == pytest.approx(big_losses, rel=1e-5, abs=1e-6)
+        assert_grads_equal(grads, big_grads, f"rank {rank}")
+        if fsdp:  # 2 + 2 text/image layers and 1 multimodal layer of the tiny model, and the root
+            assert is_layer.count(True) == 5 and len(is_layer) == 6

@@ -5,6 +5,7 @@ One process (no torchrun) runs the same loop with all of this reduced to no-ops.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -165,12 +166,59 @@ def wrap(tasks, cfg: TrainConfig, device, world: int):
         scalars = _scalars_to_1d(tasks)  # FSDP refuses 0-d parameters (FLAVA's logit_scale is one)
         # device_id: without it FSDP wants an accelerator; on CPU (gloo) it runs on the CPU device handle.
         _broadcast_from_rank0(tasks)
-        return FullyShardedDataParallel(tasks, use_orig_params=True, device_id=device), scalars
+        return FullyShardedDataParallel(
+            tasks, use_orig_params=True, device_id=device, **fsdp_options(cfg, device)
+        ), scalars
     from torch.nn.parallel import DistributedDataParallel
 
     # Each step uses one task's parameters only, so DDP must tolerate unused ones.
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(tasks, device_ids=ids, find_unused_parameters=True), set()
+
+
+def fsdp_options(cfg: TrainConfig, device: torch.device) -> dict:
+    """One FSDP unit per transformer layer (each FlavaLayer's parameters are gathered only while it runs, so a
+    rank holds one layer in full at a time), the rest in the root unit; and, with bf16 on a GPU, the paper's
+    mixed precision: bf16 parameters in the forward/backward and bf16 gradient reduction, fp32 shards for the
+    optimizer, LayerNorms in fp32 (FSDP wraps them apart, without mixed precision). On CPU (gloo) no mixed
+    precision: full fp32, as autocast is off there too."""
+    from torch.distributed.fsdp import MixedPrecision
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.flava.modeling_flava import FlavaLayer
+
+    mixed = None
+    if cfg.bf16 and device.type == "cuda":
+        mixed = MixedPrecision(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, _module_classes_to_ignore=(torch.nn.LayerNorm,)
+        )
+    return {"auto_wrap_policy": ModuleWrapPolicy({FlavaLayer}), "mixed_precision": mixed}
+
+
+def no_sync_unless(tasks, last: bool):
+    """DDP/FSDP: gradients are reduced over the ranks at the last micro-batch of a step only."""
+    return contextlib.nullcontext() if last or not hasattr(tasks, "no_sync") else tasks.no_sync()
+
+
+def grad_norm(tasks) -> float:
+    """The L2 norm of the whole gradient (under FSDP each rank holds a shard of it: their squares are summed)."""
+    grads = [p.grad for p in tasks.parameters() if p.grad is not None]
+    if not is_fsdp(tasks):
+        return torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
+    squares = torch.zeros((), dtype=torch.float64, device=next(tasks.parameters()).device)
+    for grad in grads:
+        squares += grad.double().pow(2).sum()
+    dist.all_reduce(squares)
+    return squares.sqrt().item()
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    """The losses every rank computed on its own batch, averaged: what the step's whole batch scored."""
+    names = sorted(values)
+    stacked = torch.stack([values[n].detach().float() for n in names])
+    if world > 1:
+        dist.all_reduce(stacked)
+        stacked /= world
+    return dict(zip(names, stacked.tolist(), strict=True))
 
 
 def _broadcast_from_rank0(module: torch.nn.Module) -> None:

@@ -39,7 +39,9 @@ def build_model(cfg: ModelConfig, text_vocab: int, max_text_len: int):
         model = FlavaForPreTraining(FlavaConfig(**tiny_config(cfg, text_vocab, max_text_len)))
     # The paired step computes the global contrastive loss itself (losses.py), so the stock head is off.
     model.global_contrastive_weight = 0.0
-    return model
+    if cfg.activation_checkpointing:  # each FlavaLayer recomputed in the backward (torch checkpoint, non-reentrant)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()  # from_pretrained leaves eval mode, under which HF skips the checkpointing
 
 
 def tiny_config(cfg: ModelConfig, text_vocab: int, max_text_len: int) -> dict:
@@ -59,6 +61,48 @@ def tiny_config(cfg: ModelConfig, text_vocab: int, max_text_len: int) -> dict:
     }
 
 
+class CachedFeatures:
+    """open_clip's `--accum-freq` for the contrastive loss: the features of all of a step's micro-batches, computed
+    without gradients first; micro-batch `live` then puts its own (with gradients) in its place, so each pass
+    computes the whole accumulated batch's loss, every micro-batch the others' negatives, and its gradient
+    reaches only the live features. Summed over the passes, the gradients are the big batch's exactly.
+    FLAVA has no dropout (hidden and attention dropout 0), so the recomputed features equal the cached ones."""
+
+    def __init__(self, images: list[torch.Tensor], texts: list[torch.Tensor], positives: list[torch.Tensor]):
+        self.images, self.texts, self.positive = images, texts, torch.cat(positives)
+        self.live = 0
+
+    def with_live(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor):
+        images, texts = list(self.images), list(self.texts)
+        images[self.live], texts[self.live] = image, text
+        # The temperature is in every pass's loss: scaling its gradient by 1/passes makes the sum count it once.
+        passes = len(images)
+        scale = logit_scale.detach() + (logit_scale - logit_scale.detach()) / passes
+        return torch.cat(images), torch.cat(texts), self.positive, scale
+
+
+def loss_counts(task: str, batch: dict, step_has_match: bool = True) -> dict[str, int]:
+    """How many items each of the task's losses averages over in this batch (the stock model's masks).
+
+    Accumulation weights each micro-batch's loss by its share of the step's items, so that the sum is the mean
+    over the whole step's batch: MLM and MMM-text count masked tokens, MIM and MMM-image masked patches, ITM rows.
+    MMM counts matched pairs only, as the stock model filters them, and all pairs when none is matched: per
+    step, as one big batch would (a micro-batch without a match while the step has some weighs 0 for MMM).
+    The contrastive loss is not a mean of this kind: see CachedFeatures.
+    """
+    if task == "image":
+        return {"mim": int(batch["bool_masked_pos"].sum())}
+    text_targets = batch["mlm_labels"] != IGNORE
+    if task == "text":
+        return {"mlm": int(text_targets.sum())}
+    matched = batch["itm_labels"] != 0 if step_has_match else torch.ones_like(batch["itm_labels"], dtype=torch.bool)
+    return {
+        "mmm_image": int(batch["bool_masked_pos"][matched].sum()),
+        "mmm_text": int(text_targets[matched].sum()),
+        "itm": int(matched.numel()),
+    }
+
+
 class FlavaTasks(nn.Module):
     """One module whose forward runs any task, so DDP/FSDP see every step through their wrapper."""
 
@@ -66,12 +110,26 @@ class FlavaTasks(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, task: str, batch: dict) -> dict[str, torch.Tensor]:
+    def forward(self, task: str, batch: dict, cached: CachedFeatures | None = None) -> dict[str, torch.Tensor]:
+        """task: 'pairs', 'image', 'text', or 'features' (the contrastive features, as accumulation caches them)."""
         if "pixel_values" in batch and batch["pixel_values"].dtype == torch.uint8:
             batch = {**batch, "pixel_values": normalise_pixels(batch["pixel_values"])}
-        return {"pairs": self.pairs, "image": self.image, "text": self.text}[task](batch)
+        if task == "pairs":
+            return self.pairs(batch, cached)
+        return {"image": self.image, "text": self.text, "features": self.features}[task](batch)
 
-    def pairs(self, b: dict) -> dict[str, torch.Tensor]:
+    def features(self, b: dict) -> dict[str, torch.Tensor]:
+        """The normalised image and text embeddings the contrastive loss compares: the unmasked image and text
+        passes of the stock forward, projected (what pairs() computes, without the rest of the step)."""
+        flava = self.model.flava
+        image = flava.image_model(pixel_values=b["pixel_values"]).last_hidden_state
+        text = flava.text_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        return {
+            "image": F.normalize(flava.image_projection(image[:, 0]), dim=-1),
+            "text": F.normalize(flava.text_projection(text[:, 0]), dim=-1),
+        }
+
+    def pairs(self, b: dict, cached: CachedFeatures | None = None) -> dict[str, torch.Tensor]:
         out = self.model(
             input_ids=b["input_ids"],
             input_ids_masked=b["input_ids_masked"],
@@ -87,7 +145,10 @@ class FlavaTasks(nn.Module):
         image = F.normalize(flava.image_projection(out.image_embeddings[:, 0]), dim=-1)
         text = F.normalize(flava.text_projection(out.text_embeddings[:, 0]), dim=-1)
         self.clamp_temperature()
-        contrastive = global_contrastive(image, text, flava.logit_scale, positive=b["itm_labels"].bool())
+        scale, positive = flava.logit_scale, b["itm_labels"].bool()
+        if cached is not None:  # accumulation: this micro-batch's features among the step's other ones
+            image, text, positive, scale = cached.with_live(image, text, scale)
+        contrastive = global_contrastive(image, text, scale, positive=positive)
         losses = out.loss_info
         return {
             "contrastive": contrastive,
