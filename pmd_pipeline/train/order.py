@@ -1,0 +1,65 @@
+"""Which raw sample a data stream reads when: pure arithmetic on the shards' sample counts.
+
+An epoch is global: its shards are permuted (seed, task, epoch) and concatenated into one sequence of
+positions; stream s of S takes the s-th equal slice of it, so every stream holds the same number of whole
+batches and all of them move to the next epoch together. A stream reads its slice in `lanes` contiguous
+parts round-robin (several shards in flight at once), then hands out each window of `window` raw samples
+in a seeded random order. Everything here is a function of counts and seeds: a resumed stream computes
+where it stands without reading what came before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pmd_pipeline.errors import PmdError
+
+
+def samples_per_stream(total: int, streams: int, batch_size: int, task: str) -> int:
+    """Whole batches only: the tail of an epoch's sequence that cannot fill a batch on every stream
+    (fewer than streams x batch_size samples) is left out of that epoch; the shard order changes every epoch."""
+    per = total // (streams * batch_size) * batch_size
+    if per == 0:
+        raise PmdError(
+            f"task '{task}': {total} samples cannot give each of {streams} data streams (ranks x workers) one "
+            f"batch of {batch_size} per epoch: lower data.batch_size or data.workers"
+        )
+    return per
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    shards: np.ndarray  # shard indices in this epoch's order
+    starts: np.ndarray  # global position of each ordered shard's first sample; one more entry: the total
+    lane_starts: np.ndarray  # global position where each lane of this stream begins
+    lane_of: np.ndarray  # for the stream's i-th raw sample: its lane
+    position: np.ndarray  # for the stream's i-th raw sample: its global position
+
+    def shard_at(self, position: int) -> int:
+        """Index into `shards` of the shard holding a global position."""
+        return int(np.searchsorted(self.starts, position, side="right")) - 1
+
+
+def epoch_plan(counts, epoch, stream, streams, per, lanes, seed, task_id) -> EpochPlan:
+    shards = np.random.default_rng([seed, task_id, epoch]).permutation(len(counts))
+    starts = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64)[shards])])
+    lanes = max(1, min(lanes, per))
+    bounds = stream * per + np.arange(lanes + 1) * per // lanes
+    sizes = np.diff(bounds)
+    lane = np.repeat(np.arange(lanes), sizes)
+    step = np.concatenate([np.arange(size) for size in sizes])
+    order = np.lexsort((lane, step))  # round-robin: the first sample of every lane, then the second, ...
+    return EpochPlan(shards, starts, bounds[:-1], lane[order], bounds[:-1][lane[order]] + step[order])
+
+
+def window_size(shuffle_buffer: int, batch_size: int) -> int:
+    """The shuffle window, rounded up to whole batches (0 or less: one batch, read in order)."""
+    return max(1, -(-shuffle_buffer // batch_size)) * batch_size
+
+
+def window_order(size: int, shuffled: bool, seed: int, task_id: int, epoch: int, stream: int, start: int):
+    if not shuffled:
+        return np.arange(size)
+    return np.random.default_rng([seed, task_id, epoch, stream, start]).permutation(size)
