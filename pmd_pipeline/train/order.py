@@ -1,7 +1,7 @@
 """Which raw sample a data stream reads when: pure arithmetic on the shards' sample counts.
 
-An epoch is global: its shards are permuted (seed, task, epoch) and concatenated into one sequence of
-positions; stream s of S takes the s-th equal slice of it, so every stream holds the same number of whole
+An epoch is global: its shards are permuted (seed, task, epoch) and concatenated into one cycle of
+positions, read from a seeded starting point; stream s of S takes the s-th equal slice of it, so every stream holds the same number of whole
 batches and all of them move to the next epoch together. A stream reads its slice in `lanes` contiguous
 parts round-robin (several shards in flight at once), then hands out each window of `window` raw samples
 in a seeded random order. Everything here is a function of counts and seeds: a resumed stream computes
@@ -31,8 +31,8 @@ def samples_per_stream(total: int, streams: int, batch_size: int, task: str) -> 
 
 @dataclass(frozen=True)
 class EpochPlan:
-    shards: np.ndarray  # shard indices in this epoch's order
-    starts: np.ndarray  # global position of each ordered shard's first sample; one more entry: the total
+    shards: np.ndarray  # shard indices in this epoch's order, the cycle twice
+    starts: np.ndarray  # global position of each ordered shard's first sample; one more entry: the end
     lane_starts: np.ndarray  # global position where each lane of this stream begins
     lane_of: np.ndarray  # for the stream's i-th raw sample: its lane
     position: np.ndarray  # for the stream's i-th raw sample: its global position
@@ -43,10 +43,15 @@ class EpochPlan:
 
 
 def epoch_plan(counts, epoch, stream, streams, per, lanes, seed, task_id) -> EpochPlan:
-    shards = np.random.default_rng([seed, task_id, epoch]).permutation(len(counts))
+    rng = np.random.default_rng([seed, task_id, epoch])
+    shards = rng.permutation(len(counts))
+    # The epoch's sequence starts at a seeded position of the shard cycle (laid out twice, so no slice wraps):
+    # the tail left out moves every epoch, also with a single shard.
+    shards = np.concatenate([shards, shards])
     starts = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64)[shards])])
+    offset = int(rng.integers(starts[len(counts)]))
     lanes = max(1, min(lanes, per))
-    bounds = stream * per + np.arange(lanes + 1) * per // lanes
+    bounds = offset + stream * per + np.arange(lanes + 1) * per // lanes
     sizes = np.diff(bounds)
     lane = np.repeat(np.arange(lanes), sizes)
     step = np.concatenate([np.arange(size) for size in sizes])
