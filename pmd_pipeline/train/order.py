@@ -1,11 +1,11 @@
 """Which raw sample a data stream reads when: pure arithmetic on the shards' sample counts.
 
-An epoch is global: its shards are permuted (seed, task, epoch) and concatenated into one cycle of
-positions, read from a seeded starting point; stream s of S takes the s-th equal slice of it, so every stream holds the same number of whole
-batches and all of them move to the next epoch together. A stream reads its slice in `lanes` contiguous
-parts round-robin (several shards in flight at once), then hands out each window of `window` raw samples
-in a seeded random order. Everything here is a function of counts and seeds: a resumed stream computes
-where it stands without reading what came before it.
+An epoch is global: its shards are permuted (seed, task, epoch) and laid end to end as one cycle of
+positions, read from a seeded starting point; stream s of S takes the s-th equal slice of it, so every
+stream holds the same number of whole batches and all of them move to the next epoch together. A stream
+reads its slice in `lanes` contiguous parts round-robin (several shards in flight at once), then hands out
+each window of `window` raw samples in a seeded random order. Everything here is a function of counts and
+seeds: a resumed stream computes where it stands without reading what came before it.
 """
 
 from __future__ import annotations
