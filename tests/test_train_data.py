@@ -316,3 +316,12 @@ def test_text_lengths_follow_the_task_and_the_old_key_is_refused(tmp_path, pmd):
     path.write_text("[data]\nmax_text_len = 32\n")
     with pytest.raises(PmdError, match="max_text_len is gone: set pair_text_len .* and text_len"):
         load_train_config(path)
+
+
+def test_a_task_smaller_than_a_batch_per_stream_repeats_within_an_epoch(tmp_path, pmd):
+    _, _, tok = pmd
+    make_tagged_shards(tmp_path, "tiny", [5], 0)
+    tars = [str(tmp_path / "tiny" / "00000.tar")]
+    streams = [TaskStream("pairs", tars, tok, 4, 24, 0, rank, 2, counts=[5], shuffle_buffer=8) for rank in range(2)]
+    ids = Counter(i for stream in streams for i in _ids(_take(stream, 1)[0]))  # one epoch: a batch per stream
+    assert set(ids) == set(range(5)) and sum(ids.values()) == 8 and max(ids.values()) == 2

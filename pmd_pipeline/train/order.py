@@ -19,19 +19,17 @@ from pmd_pipeline.errors import PmdError
 
 def samples_per_stream(total: int, streams: int, batch_size: int, task: str) -> int:
     """Whole batches only: the tail of an epoch's sequence that cannot fill a batch on every stream
-    (fewer than streams x batch_size samples) is left out of that epoch; the shard order changes every epoch."""
-    per = total // (streams * batch_size) * batch_size
-    if per == 0:
-        raise PmdError(
-            f"task '{task}': {total} samples cannot give each of {streams} data streams (ranks x workers) one "
-            f"batch of {batch_size} per epoch: lower data.batch_size or data.workers"
-        )
-    return per
+    (fewer than streams x batch_size samples) is left out of that epoch. A task with fewer samples than
+    one batch per stream repeats its cycle within the epoch until each stream has one."""
+    if total <= 0:
+        raise PmdError(f"task '{task}': its shards hold no samples")
+    cycles = -(-streams * batch_size // total)
+    return cycles * total // (streams * batch_size) * batch_size
 
 
 @dataclass(frozen=True)
 class EpochPlan:
-    shards: np.ndarray  # shard indices in this epoch's order, the cycle twice
+    shards: np.ndarray  # shard indices in this epoch's order, the cycle repeated as far as the slices reach
     starts: np.ndarray  # global position of each ordered shard's first sample; one more entry: the end
     lane_starts: np.ndarray  # global position where each lane of this stream begins
     lane_of: np.ndarray  # for the stream's i-th raw sample: its lane
@@ -45,11 +43,12 @@ class EpochPlan:
 def epoch_plan(counts, epoch, stream, streams, per, lanes, seed, task_id) -> EpochPlan:
     rng = np.random.default_rng([seed, task_id, epoch])
     shards = rng.permutation(len(counts))
-    # The epoch's sequence starts at a seeded position of the shard cycle (laid out twice, so no slice wraps):
-    # the tail left out moves every epoch, also with a single shard.
-    shards = np.concatenate([shards, shards])
+    # The epoch's sequence starts at a seeded position of the shard cycle, laid out as often as the slices
+    # reach (no slice wraps): the tail left out moves every epoch, also with a single shard.
+    total = int(np.sum(counts))
+    shards = np.tile(shards, 1 + -(-streams * per // total))
     starts = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64)[shards])])
-    offset = int(rng.integers(starts[len(counts)]))
+    offset = int(rng.integers(total))
     lanes = max(1, min(lanes, per))
     bounds = offset + stream * per + np.arange(lanes + 1) * per // lanes
     sizes = np.diff(bounds)
