@@ -2,14 +2,17 @@
 step time vs a bare FlavaForPreTraining step, and the issue-16 loader (shuffle windows, every caption,
 resume by arithmetic) vs the loader before it (`benchmarks/loader_before.py`).
 
-`python -m benchmarks.bench_train issue16` runs only the issue-16 figures."""
+`python -m benchmarks.bench_train issue16` runs only the issue-16 timings; `python -m benchmarks.bench_train
+order OUT` counts, on a build folder (e.g. the embedded `pmd_out`), what the two loaders' orders train on."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -90,6 +93,47 @@ def issue16_figures(report, tok) -> dict:
         },
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
+
+
+def order_figures(out: str, epochs: int = 6) -> dict:
+    """Captions trained on over `epochs` epochs, batches from one source, samples of one image per batch:
+    the loader before issue 16 and now, in the embedded default's layout (2 workers, its batch and window)."""
+    import json
+
+    import numpy as np
+
+    from pmd_pipeline.train.data import captions_of, image_group, pick_caption
+    from shards.tar import shard_samples
+
+    cfg = load_train_config(None)
+    report = preflight(DataConfig(shards=out))
+    tars, counts, size, streams = report.tars["pairs"], report.counts["pairs"], cfg.data.batch_size, 2
+    raws = {raw["__key__"]: raw for raw in shard_samples(tars) if "__error__" not in raw}
+    captions = {key: captions_of(raw) for key, raw in raws.items()}
+    sources = {key: json.loads(raw["json"])["source"] for key, raw in raws.items()}
+    new, old = [], []
+    for stream in range(streams):
+        ts = TaskStream("pairs", tars, "", size, 77, 0, 0, 1, counts=counts, shuffle_buffer=cfg.data.shuffle_buffer,
+                        lanes=cfg.data.shard_lanes)  # fmt: skip
+        windows = ts._windows(stream, streams, 0)
+        for _ in range(epochs * (sum(counts) // (streams * size))):
+            window, picks = next(windows)
+            new.append([(window.raws[i]["__key__"], window.epoch) for i in picks])
+        before = OldTaskStream("pairs", tars, "", size, 77, 0, 0, 1)._raw_samples(stream, streams)  # endless
+        good = (raw for raw in before if "__error__" not in raw)
+        keys = [raw["__key__"] for raw in itertools.islice(good, epochs * len(raws) // streams)]
+        old += [[(key, 0) for key in keys[i : i + size]] for i in range(0, len(keys) - size + 1, size)]
+    result = {"what": f"{len(raws)} pairs, {sum(map(len, captions.values()))} captions, {epochs} epochs, 2 streams"}
+    for name, batches in (("before", old), ("now", new)):
+        pick = (lambda k, e: pick_caption(captions[k], k, e, 0)) if name == "now" else (lambda k, e: captions[k][0])
+        result[name] = {
+            "captions_trained_on": len({(k, pick(k, e)) for batch in batches for k, e in batch}),
+            "batches_of_one_source": round(float(np.mean([len({sources[k] for k, _ in b}) == 1 for b in batches])), 3),
+            "mean_most_samples_of_one_image": round(
+                float(np.mean([max(Counter(image_group(k) for k, _ in b).values()) for b in batches])), 2
+            ),
+        }
+    return result
 
 
 def _first_batch_s(stream) -> float:
@@ -299,6 +343,9 @@ if __name__ == "__main__":
     import json
     import sys
 
-    if sys.argv[1:] != ["issue16"]:
-        sys.exit("usage: python -m benchmarks.bench_train issue16   (all figures: python -m benchmarks train)")
-    print(json.dumps(run_issue16(), indent=1))
+    if sys.argv[1:2] == ["issue16"]:
+        print(json.dumps(run_issue16(), indent=1))
+    elif sys.argv[1:2] == ["order"] and len(sys.argv) == 3:
+        print(json.dumps(order_figures(sys.argv[2]), indent=1))
+    else:
+        sys.exit("usage: python -m benchmarks.bench_train issue16 | order OUT   (all: python -m benchmarks train)")
