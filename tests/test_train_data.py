@@ -325,3 +325,16 @@ def test_a_task_smaller_than_a_batch_per_stream_repeats_within_an_epoch(tmp_path
     streams = [TaskStream("pairs", tars, tok, 4, 24, 0, rank, 2, counts=[5], shuffle_buffer=8) for rank in range(2)]
     ids = Counter(i for stream in streams for i in _ids(_take(stream, 1)[0]))  # one epoch: a batch per stream
     assert set(ids) == set(range(5)) and sum(ids.values()) == 8 and max(ids.values()) == 2
+
+
+def test_shards_named_by_url_are_counted_from_what_the_build_wrote_beside_them(tmp_path, tagged):
+    import shutil
+
+    from pmd_pipeline.train.data import count_samples
+
+    report, _, _ = tagged
+    assert count_samples(report.tars["pairs"]) == report.counts["pairs"]  # from the sidecars and stats
+    bare = tmp_path / "copy.tar"
+    shutil.copy(report.tars["pairs"][0], bare)  # no sidecar and stats without a count: its members are counted
+    (tmp_path / "copy_stats.json").write_text("{}")
+    assert count_samples([str(bare), f"pipe:cat {bare}"]) == [report.counts["pairs"][0]] * 2

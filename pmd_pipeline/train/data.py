@@ -23,8 +23,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.storage import as_path
 from pmd_pipeline.train.masking import block_mask, mlm_mask
 from pmd_pipeline.train.order import epoch_plan, samples_per_stream, window_order, window_size
+from shards.layout import SIDECAR_SUFFIX, STATS_SUFFIX
 from shards.tar import shard_samples
 
 # No crop or flip: the dVAE tokens describe exactly the stored 224x224 pixels.
@@ -217,8 +219,20 @@ class _PlanReader:
 
 
 def count_samples(tars: list[str]) -> list[int]:
-    """Samples per tar, read from their members (no decoding): for shards named by URL, without stats."""
-    return [sum(1 for _ in shard_samples([tar])) for tar in tars]
+    """Samples per tar for shards named by URL: what the build wrote beside each one (its tokens sidecar, else
+    its stats), else counted from its members (no decoding; a `pipe:` command, or a tar without either)."""
+    return [_count(tar) for tar in tars]
+
+
+def _count(tar: str) -> int:
+    if not tar.startswith("pipe:"):
+        path = as_path(tar)
+        for suffix, field in ((SIDECAR_SUFFIX, "samples_tokenized"), (STATS_SUFFIX, "samples_written")):
+            try:
+                return int(json.loads(path.with_name(f"{path.stem}{suffix}").read_text())[field])
+            except Exception:  # noqa: BLE001 - missing, unreadable or not the build's: the next way to count
+                continue
+    return sum(1 for _ in shard_samples([tar]))
 
 
 def image_group(key: str) -> str:
