@@ -52,7 +52,7 @@ def task_stream(data, task: str, report, tok_dir: str, seed: int, rank: int, wor
 class TaskStream(IterableDataset):
     """Endless batches of one task ('pairs', 'image' or 'text') for one rank.
 
-    counts: samples per tar (the build's stats say; None: counted here by reading the tars' members once).
+    counts: samples per tar (preflight reads them from the build's stats; None: see count_samples).
     shuffle_buffer: samples per shuffle window (0: read in order); lanes: parts of a stream's share read
     round-robin, so that a window mixes several shards. `decoded` and `raw_read` count this process's work.
     """
