@@ -1,17 +1,24 @@
 """Trainer figures: WordPiece training (time, determinism), loader throughput vs a plain decode loop,
-and step time vs a bare FlavaForPreTraining step."""
+step time vs a bare FlavaForPreTraining step, and the issue-16 loader (shuffle windows, every caption,
+resume by arithmetic) vs the loader before it (`benchmarks/loader_before.py`).
+
+`python -m benchmarks.bench_train issue16` runs only the issue-16 timings; `python -m benchmarks.bench_train
+order OUT` counts, on a build folder (e.g. the embedded `pmd_out`), what the two loaders' orders train on."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 import webdataset as wds
 
+from benchmarks.loader_before import OldTaskStream
 from pmd_pipeline.train.config import DataConfig, ModelConfig, load_train_config
 from pmd_pipeline.train.data import TaskStream, decode_sample, make_loader
 from pmd_pipeline.train.model import FlavaTasks, build_model, normalise_pixels
@@ -38,7 +45,101 @@ def run() -> dict:
         "wordpiece": wordpiece_figures(),
         "loader": loader_figures(report.tars["pairs"], tok),
         "step": step_figures(report, tok),
+        **issue16_figures(report, tok),
     }
+
+
+def run_issue16() -> dict:
+    root = make_pmd(Path(tempfile.mkdtemp(prefix="bench_train_")) / "pmd", per_shard=96, shards=2)
+    report = preflight(DataConfig(shards=str(root)))
+    tok = str(prepare_tokenizer("", root.parent / "run", report.tars["pairs"] + report.tars["text"], 500))
+    return issue16_figures(report, tok)
+
+
+# The issue-16 loader as the trainer builds it for a real run: shuffle windows of 1000, 4 shard lanes.
+NEW_LOADER = {"shuffle_buffer": 1000, "lanes": 4}
+RESUME_AT = (100, 1000)
+
+
+def issue16_figures(report, tok) -> dict:
+    tars, counts = report.tars["pairs"], report.counts["pairs"]
+    new = lambda skip=0: TaskStream("pairs", tars, tok, BATCH, 77, 0, 0, 1, skip, counts, **NEW_LOADER)  # noqa: E731
+    old = lambda skip=0: OldTaskStream("pairs", tars, tok, BATCH, 77, 0, 0, 1, skip)  # noqa: E731
+    load_before = os.getloadavg()[0]
+    rates = {"new": [], "old": []}
+    for i in range(REPEATS):  # adjacent pairs, alternating who goes first
+        for name in ("new", "old") if i % 2 == 0 else ("old", "new"):
+            rates[name].append(_stream_rate(new() if name == "new" else old())[0])
+    ratios = [a / b for a, b in zip(rates["new"], rates["old"], strict=True)]
+    resume = {}
+    for at in RESUME_AT:
+        new_s, old_s = _first_batch_s(new(at)), _first_batch_s(old(at))
+        resume[str(at)] = {"new_s": round(new_s, 3), "old_s": round(old_s, 2), "ratio": round(new_s / old_s, 4)}
+    return {
+        "loader_issue16": {
+            "what": f"pairs batches of {BATCH}, 2 workers, 77 tokens; new: shuffle windows of 1000, 4 shard lanes,"
+            " a caption per visit from the json, ITM negatives from the window; old: loader_before.py",
+            "new_samples_per_s": round(statistics.median(rates["new"]), 1),
+            "old_samples_per_s": round(statistics.median(rates["old"]), 1),
+            "ratio": round(statistics.median(ratios), 2),
+            "ratios": [round(r, 2) for r in ratios],
+            "target": ">= 0.9",
+        },
+        "resume_issue16": {
+            "what": f"seconds from a stream resumed after N consumed batches of {BATCH} (no workers) to its first"
+            " batch; the data (384 pairs) repeats, so 1,000 batches are 42 epochs",
+            **resume,
+            "target": "new / old <= 0.1 at 1000",
+        },
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
+def order_figures(out: str, epochs: int = 6) -> dict:
+    """Captions trained on over `epochs` epochs, batches from one source, samples of one image per batch:
+    the loader before issue 16 and now, in the embedded default's layout (2 workers, its batch and window)."""
+    import json
+
+    import numpy as np
+
+    from pmd_pipeline.train.data import captions_of, image_group, pick_caption
+    from shards.tar import shard_samples
+
+    cfg = load_train_config(None)
+    report = preflight(DataConfig(shards=out))
+    tars, counts, size, streams = report.tars["pairs"], report.counts["pairs"], cfg.data.batch_size, 2
+    raws = {raw["__key__"]: raw for raw in shard_samples(tars) if "__error__" not in raw}
+    captions = {key: captions_of(raw) for key, raw in raws.items()}
+    sources = {key: json.loads(raw["json"])["source"] for key, raw in raws.items()}
+    new, old = [], []
+    for stream in range(streams):
+        ts = TaskStream("pairs", tars, "", size, 77, 0, 0, 1, counts=counts, shuffle_buffer=cfg.data.shuffle_buffer,
+                        lanes=cfg.data.shard_lanes)  # fmt: skip
+        windows = ts._windows(stream, streams, 0)
+        for _ in range(epochs * (sum(counts) // (streams * size))):
+            window, picks = next(windows)
+            new.append([(window.raws[i]["__key__"], window.epoch) for i in picks])
+        before = OldTaskStream("pairs", tars, "", size, 77, 0, 0, 1)._raw_samples(stream, streams)  # endless
+        good = (raw for raw in before if "__error__" not in raw)
+        keys = [raw["__key__"] for raw in itertools.islice(good, epochs * len(raws) // streams)]
+        old += [[(key, 0) for key in keys[i : i + size]] for i in range(0, len(keys) - size + 1, size)]
+    result = {"what": f"{len(raws)} pairs, {sum(map(len, captions.values()))} captions, {epochs} epochs, 2 streams"}
+    for name, batches in (("before", old), ("now", new)):
+        pick = (lambda k, e: pick_caption(captions[k], k, e, 0)) if name == "now" else (lambda k, e: captions[k][0])
+        result[name] = {
+            "captions_trained_on": len({(k, pick(k, e)) for batch in batches for k, e in batch}),
+            "batches_of_one_source": round(float(np.mean([len({sources[k] for k, _ in b}) == 1 for b in batches])), 3),
+            "mean_most_samples_of_one_image": round(
+                float(np.mean([max(Counter(image_group(k) for k, _ in b).values()) for b in batches])), 2
+            ),
+        }
+    return result
+
+
+def _first_batch_s(stream) -> float:
+    started = time.perf_counter()
+    next(make_loader(stream, workers=0))
+    return time.perf_counter() - started
 
 
 def wordpiece_figures(captions: int = 200_000, vocab_size: int = 8000, repeats: int = 3) -> dict:
@@ -122,8 +223,12 @@ def loader_figures(tars: list[str], tok: str) -> dict:
 
 
 def _loader_rate(tars, tok) -> tuple[float, float]:
+    return _stream_rate(TaskStream("pairs", tars, tok, BATCH, 32, 0, 0, 1))
+
+
+def _stream_rate(stream) -> tuple[float, float]:
     workers = 2
-    batches = make_loader(TaskStream("pairs", tars, tok, BATCH, 32, 0, 0, 1), workers=workers)
+    batches = make_loader(stream, workers=workers)
     # One batch per worker is start-up (process, tokenizer, look-ahead), not throughput; then the batches
     # the workers queued meanwhile (prefetch_factor 2 each) would arrive at no cost inside the timed window.
     for _ in range(workers + workers * 2):
@@ -232,3 +337,15 @@ def _timed(fn) -> float:
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if sys.argv[1:2] == ["issue16"]:
+        print(json.dumps(run_issue16(), indent=1))
+    elif sys.argv[1:2] == ["order"] and len(sys.argv) == 3:
+        print(json.dumps(order_figures(sys.argv[2]), indent=1))
+    else:
+        sys.exit("usage: python -m benchmarks.bench_train issue16 | order OUT   (all: python -m benchmarks train)")

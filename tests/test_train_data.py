@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pmd_pipeline.errors import PmdError
-from pmd_pipeline.train.config import DataConfig
-from pmd_pipeline.train.data import TaskStream, make_loader
+from pmd_pipeline.train.config import DataConfig, load_train_config
+from pmd_pipeline.train.data import TaskStream, make_loader, task_stream
 from pmd_pipeline.train.preflight import preflight
 from pmd_pipeline.train.tokenizer import prepare_tokenizer
-from tests.train_fixtures import make_pmd, make_shards, write_shard
+from tests.train_fixtures import make_pmd, make_shards, make_tagged_shards, write_shard
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +65,10 @@ def test_empty_sources_drop_their_task_with_a_note(tmp_path):
     assert any("'image' has no samples" in note for note in report.notes)
 
 
-def test_pair_batches_hold_tokens_masks_and_outside_negatives(pmd):
+def test_pair_batches_hold_tokens_masks_and_negatives_at_the_configured_rate(pmd):
     _, report, tok = pmd
-    batches = _take(TaskStream("pairs", report.tars["pairs"], tok, 8, 24, 0, 0, 1), 4)
+    stream = TaskStream("pairs", report.tars["pairs"], tok, 8, 24, 0, 0, 1, shuffle_buffer=16, itm_negative_rate=0.5)
+    batches = _take(stream, 6)
     for batch in batches:
         assert batch["pixel_values"].shape == (8, 3, 224, 224)
         assert batch["bool_masked_pos"].sum(1).tolist() == [75] * 8
@@ -73,12 +76,7 @@ def test_pair_batches_hold_tokens_masks_and_outside_negatives(pmd):
         assert batch["input_ids"].shape == batch["mlm_labels"].shape == (8, 24)
         assert (batch["mlm_labels"] != -100).any(1).all()
     itm = np.concatenate([b["itm_labels"].numpy() for b in batches])
-    assert 0.2 < (itm == 0).mean() < 0.8
-    for batch in batches:  # a negative caption comes from a neighbouring batch, never from this one
-        texts = [tuple(row[row != 0]) for row in batch["input_ids"].numpy()]
-        positives = {t for t, label in zip(texts, batch["itm_labels"], strict=True) if label == 1}
-        negatives = [t for t, label in zip(texts, batch["itm_labels"], strict=True) if label == 0]
-        assert negatives and not positives & set(negatives)
+    assert 0.3 < (itm == 0).mean() < 0.7
 
 
 def test_resumed_stream_continues_where_the_first_left_off(pmd):
@@ -94,16 +92,22 @@ def test_resumed_stream_continues_where_the_first_left_off(pmd):
 def test_corrupt_samples_are_counted_and_replaced(tmp_path, pmd):
     _, _, tok = pmd
     good = {"__key__": "k0", "jpg": _jpeg(), "dvae.npy": _npy(np.zeros((14, 14), np.uint16)), "json": b"{}"}
-    samples = [dict(good, __key__=f"k{i}") for i in range(6)]
+    samples = [dict(good, __key__=f"k{i}", **{"dvae.npy": _npy(np.full((14, 14), i, np.uint16))}) for i in range(6)]
     samples[1]["jpg"] = b"not a jpeg"
     samples[2]["dvae.npy"] = _npy(np.full((14, 14), 9000, np.uint16))
     samples[3]["jpg"] = _jpeg(size=100)
     del samples[4]["dvae.npy"]
     write_shard(tmp_path / "00000", samples, "image")
-    batch = _take(TaskStream("image", [str(tmp_path / "00000.tar")], tok, 3, 24, 0, 0, 1), 1)[0]
-    assert batch["pixel_values"].shape[0] == 3
-    reasons = {"decode_error": 1, "bad_tokens": 1, "wrong_image_size": 1, "no_tokens": 1}
-    assert batch["failures"] == reasons
+    tars = [str(tmp_path / "00000.tar")]
+    reasons = {"decode_error", "bad_tokens", "wrong_image_size", "no_tokens"}
+    # A window of 6 (the epoch): bad ones are replaced by the window's next good ones; a window of one batch
+    # (no shuffle) has no spare outside the batch: a good sample of the batch itself stands in.
+    for shuffle in (6, 0):
+        failures = Counter()
+        for batch in _take(TaskStream("image", tars, tok, 3, 24, 0, 0, 1, shuffle_buffer=shuffle), 2):  # an epoch
+            assert batch["pixel_values"].shape[0] == 3 and set(_ids(batch)) <= {0, 5}
+            failures.update(batch["failures"])
+        assert set(failures) == reasons, shuffle
 
 
 def test_fast_tokenizer_path_equals_the_hugging_face_call(pmd):
@@ -136,6 +140,11 @@ def test_packed_batches_unpack_to_the_same_tensors(pmd):
         for key, array in arrays.items():
             expected = torch.from_numpy(array)
             assert batch[key].dtype == expected.dtype and torch.equal(batch[key], expected)
+
+
+def _ids(batch) -> list[int]:
+    """The tagged fixtures' sample ids: every dVAE token of a sample is its id."""
+    return batch["mim_labels"][:, 0].tolist()
 
 
 def _take(stream, n, workers=0):
@@ -190,3 +199,142 @@ def test_other_ranks_use_rank_0s_vocabulary_or_say_the_run_folder_is_not_shared(
     with pytest.raises(PmdError, match="storage every node sees"):
         rank0_tokenizer("", tmp_path / "run")  # another machine, where rank 0's folder is not mounted
     assert rank0_tokenizer(tok, tmp_path / "run") == Path(tok)  # a configured folder is used as it is
+
+
+@pytest.fixture(scope="module")
+def tagged(tmp_path_factory):
+    """96 pairs: region crops (8 per image), a multi-caption source, and a plain one; shards of uneven size."""
+    root = tmp_path_factory.mktemp("tagged") / "out"
+    made = make_tagged_shards(root, "vg", [24, 16], 0, crops=8)
+    made |= make_tagged_shards(root, "coco", [20, 12], 40, captions=4)
+    made |= make_tagged_shards(root, "cc", [24], 72)
+    report = preflight(DataConfig(shards=str(root)))
+    texts = [t for _, _, _, captions in made.values() for t in captions]
+    tok = prepare_tokenizer("", root.parent / "run", report.tars["pairs"], 300)
+    assert report.samples["pairs"] == 96 and len(texts) == 40 + 32 * 10 // 4 + 24
+    return report, str(tok), made
+
+
+def _pairs(tagged, batch=8, shuffle=32, lanes=4, rank=0, world=1, skip=0, rate=0.0) -> TaskStream:
+    report, tok, _ = tagged
+    return TaskStream(
+        "pairs", report.tars["pairs"], tok, batch, 32, 0, rank, world, skip_batches=skip,
+        counts=report.counts["pairs"], shuffle_buffer=shuffle, lanes=lanes, itm_negative_rate=rate,
+    )  # fmt: skip
+
+
+def _texts(batch, tok) -> list[str]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tok)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in batch["input_ids"].tolist()]
+
+
+def test_every_caption_is_trained_on_over_as_many_visits_as_it_has(tagged):
+    report, tok, made = tagged
+    batches = _take(_pairs(tagged), 4 * 12)  # four epochs of 96 samples
+    seen = Counter()
+    for batch in batches:
+        for sample_id, text in zip(_ids(batch), _texts(batch, tok), strict=True):
+            assert text in made[sample_id][3]
+            seen[sample_id, text] += 1
+    # 4 visits: each of a 4-caption sample's captions once, a 2-caption one's twice, of 3 captions one twice.
+    for sample_id, (_, _, _, captions) in made.items():
+        counts = [seen[sample_id, text] for text in captions]
+        assert sum(counts) == 4 and min(counts) >= 4 // len(counts) and max(counts) <= -(-4 // len(counts)), sample_id
+
+
+def test_batches_mix_images_and_sources(tagged):
+    _, _, made = tagged
+    shares = {"vg": 40 / 96, "coco": 32 / 96, "cc": 24 / 96}
+
+    def measure(stream):
+        most_of_one_image, distance = [], []
+        for batch in _take(stream, 24):
+            groups, sources = Counter(made[i][2] for i in _ids(batch)), Counter(made[i][1] for i in _ids(batch))
+            most_of_one_image.append(max(groups.values()))
+            distance.append(sum(abs(sources[s] / 8 - share) for s, share in shares.items()) / 2)
+        return max(most_of_one_image), float(np.mean(distance))
+
+    in_order = measure(_pairs(tagged, shuffle=0, lanes=1))  # what the loader did before: shard after shard
+    most, distance = measure(_pairs(tagged))
+    assert in_order[0] >= 4 and in_order[1] > 0.5  # batches of one image's crops, of one source
+    assert most <= 3, most  # never a batch of one image's regions
+    assert distance < 0.3, distance  # each batch's sources near the data's mix (total variation distance)
+
+
+def test_epochs_are_global_over_four_streams(tagged):
+    """2 ranks x 2 DataLoader workers: each epoch hands out every sample exactly once over the four streams."""
+    per_epoch = 96 // (4 * 4)  # batches of 4 per stream
+    loaders = [make_loader(_pairs(tagged, batch=4, rank=rank, world=2), workers=2) for rank in range(2)]
+    for _epoch in range(2):
+        ids = Counter()
+        for loader in loaders:
+            for _ in range(2 * per_epoch):
+                ids.update(_ids(next(loader)))
+        assert ids == Counter(range(96))
+    for loader in loaders:
+        loader.close()
+
+
+def test_itm_negatives_never_show_an_image_its_own_caption(tagged):
+    report, tok, made = tagged
+    captions_of_group = {}
+    for _, _, group, captions in made.values():
+        captions_of_group.setdefault(group, set()).update(captions)
+    labels = []
+    for batch in _take(_pairs(tagged, rate=0.5), 24):
+        for sample_id, text, label in zip(_ids(batch), _texts(batch, tok), batch["itm_labels"].tolist(), strict=True):
+            own = captions_of_group[made[sample_id][2]]
+            assert (text in made[sample_id][3]) if label == 1 else (text not in own), (sample_id, text, label)
+            labels.append(label)
+    assert 0.35 < 1 - np.mean(labels) < 0.65
+
+
+def test_resume_equals_the_uninterrupted_stream_and_decodes_nothing_it_skips(tagged):
+    whole = _take(_pairs(tagged, rate=0.5), 17, workers=2)  # into the second epoch, mid-window
+    resumed = _take(_pairs(tagged, rate=0.5, skip=13), 4, workers=2)
+    for a, b in zip(whole[13:], resumed, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != "failures")
+    expected = _take(_pairs(tagged, rate=0.5), 14)[13]  # one stream (no workers): 12 batches an epoch
+    stream = _pairs(tagged, rate=0.5, skip=13)
+    (batch,) = _take(stream, 1)
+    assert all(torch.equal(batch[k], expected[k]) for k in batch if k != "failures")
+    assert stream.decoded == 8  # only the batch handed out
+    # Read raw (undecoded): one window of 32 and, per lane, the prefix of its shard; never the 104 samples before.
+    assert stream.raw_read <= 32 + 4 * 24, stream.raw_read
+
+
+def test_text_lengths_follow_the_task_and_the_old_key_is_refused(tmp_path, pmd):
+    root, report, tok = pmd
+    cfg = load_train_config(None)
+    cfg.data.pair_text_len, cfg.data.text_len, cfg.data.workers = 20, 40, 0
+    pairs = next(make_loader(task_stream(cfg.data, "pairs", report, tok, 0, 0, 1, 0), 0))
+    text = next(make_loader(task_stream(cfg.data, "text", report, tok, 0, 0, 1, 0), 0))
+    assert pairs["input_ids"].shape == (8, 20) and text["input_ids"].shape == (8, 40)
+    path = tmp_path / "old.toml"
+    path.write_text("[data]\nmax_text_len = 32\n")
+    with pytest.raises(PmdError, match="max_text_len is gone: set pair_text_len .* and text_len"):
+        load_train_config(path)
+
+
+def test_a_task_smaller_than_a_batch_per_stream_repeats_within_an_epoch(tmp_path, pmd):
+    _, _, tok = pmd
+    make_tagged_shards(tmp_path, "tiny", [5], 0)
+    tars = [str(tmp_path / "tiny" / "00000.tar")]
+    streams = [TaskStream("pairs", tars, tok, 4, 24, 0, rank, 2, counts=[5], shuffle_buffer=8) for rank in range(2)]
+    ids = Counter(i for stream in streams for i in _ids(_take(stream, 1)[0]))  # one epoch: a batch per stream
+    assert set(ids) == set(range(5)) and sum(ids.values()) == 8 and max(ids.values()) == 2
+
+
+def test_shards_named_by_url_are_counted_from_what_the_build_wrote_beside_them(tmp_path, tagged):
+    import shutil
+
+    from pmd_pipeline.train.data import count_samples
+
+    report, _, _ = tagged
+    assert count_samples(report.tars["pairs"]) == report.counts["pairs"]  # from the sidecars and stats
+    bare = tmp_path / "copy.tar"
+    shutil.copy(report.tars["pairs"][0], bare)  # no sidecar and stats without a count: its members are counted
+    (tmp_path / "copy_stats.json").write_text("{}")
+    assert count_samples([str(bare), f"pipe:cat {bare}"]) == [report.counts["pairs"][0]] * 2

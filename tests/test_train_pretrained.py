@@ -22,11 +22,11 @@ def shards(tmp_path_factory):
     return make_pmd(tmp_path_factory.mktemp("pmd") / "out", per_shard=16, shards=1)
 
 
-def checkpoint(folder, with_tokenizer=True):
+def checkpoint(folder, with_tokenizer=True, text_positions=512):
     """A tiny FlavaForPreTraining saved in the flava-full layout, with a recognisable weight."""
     tokenizer = train_wordpiece(TEXTS * 20, 120)
     torch.manual_seed(1)
-    model = build_model(ModelConfig(), len(tokenizer), 32)
+    model = build_model(ModelConfig(), len(tokenizer), text_positions)
     with torch.no_grad():
         model.flava.text_model.embeddings.word_embeddings.weight[5].fill_(0.123)
     model.save_pretrained(folder)
@@ -64,6 +64,12 @@ def test_a_checkpoint_with_a_smaller_vocabulary_than_the_tokenizer_is_refused(tm
     checkpoint(tmp_path / "flava")
     with pytest.raises(PmdError, match="checkpoint text vocab"):
         build_model(ModelConfig(pretrained=str(tmp_path / "flava")), 10_000, 32)
+
+
+def test_a_checkpoint_with_fewer_text_positions_than_the_text_length_is_refused(tmp_path):
+    checkpoint(tmp_path / "flava", text_positions=64)
+    with pytest.raises(PmdError, match=r"text positions \(64\) < the configured text length 512"):
+        build_model(ModelConfig(pretrained=str(tmp_path / "flava")), 0, 512)
 
 
 def test_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path):

@@ -145,6 +145,7 @@ def test_flava_full_config_is_the_papers_model_and_recipe_on_an_8_gpu_node():
     assert (o.lr, o.weight_decay, o.betas, o.warmup_steps) == (1e-3, 0.1, (0.9, 0.999), 10_000)
     assert o.global_batch == 8192 and cfg.data.mix == {"pairs": 0.70, "image": 0.15, "text": 0.15}
     assert cfg.bf16 and cfg.fsdp
+    assert (cfg.data.pair_text_len, cfg.data.text_len) == (77, 512)  # FLAVA: captions 77, text passages 512
     per_gpu = cfg.data.batch_size
     assert accumulation(cfg, world=8) * per_gpu * 8 == 8192
     assert (per_gpu, accumulation(cfg, world=8)) == (256, 4)
@@ -155,7 +156,7 @@ def test_flava_full_config_is_the_papers_model_and_recipe_on_an_8_gpu_node():
     from transformers import FlavaConfig, FlavaForPreTraining
 
     with torch.device("meta"):
-        model = FlavaForPreTraining(FlavaConfig(**tiny_config(m, 30522, 77)))
+        model = FlavaForPreTraining(FlavaConfig(**tiny_config(m, 30522, 512)))
     assert model.flava.image_model.config.num_hidden_layers == 12
     assert model.flava.multimodal_model.config.num_hidden_layers == 6
     params = sum(p.numel() for p in model.parameters())

@@ -97,3 +97,32 @@ def make_pmd(root: Path, per_shard: int = 16, shards: int = 2, **options) -> Pat
     make_shards(root, "image", "imagenet", shards, per_shard, **options)
     make_shards(root, "text", "text_corpus", shards, per_shard, **options)
     return root
+
+
+def make_tagged_shards(root: Path, source: str, sizes: list[int], first_id: int, captions: int = 1, crops: int = 1):
+    """Paired shards whose samples can be told apart in a batch: every dVAE token of sample i is i.
+
+    sizes: samples per shard; captions: up to this many captions per sample (1, 2, ... cycling);
+    crops > 1: region crops, `crops` consecutive samples cut from one image, keyed as Visual Genome keys them.
+    Returns {id: (key, source, image group, [captions])}.
+    """
+    folder = Path(root) / source
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, made, sample_id = np.random.default_rng(first_id), {}, first_id
+    image = _jpeg(rng, COLOURS["red"])
+    for shard, size in enumerate(sizes):
+        samples = []
+        for _ in range(size):
+            group = f"{source}_{sample_id // crops}"
+            key = f"{group}_{sample_id % crops}_0_10_10" if crops > 1 else f"{source}_{sample_id}"
+            count = 1 + sample_id % captions
+            texts = [f"a {' '.join(rng.choice(WORDS, size=4))} {sample_id} {n}" for n in range(count)]
+            tokens = io.BytesIO()
+            np.save(tokens, np.full((14, 14), sample_id, np.uint16))
+            meta = {"source": source, "captions": texts}
+            samples.append({"__key__": key, "jpg": image, "dvae.npy": tokens.getvalue(),
+                            "txt": texts[0].encode(), "json": json.dumps(meta).encode()})  # fmt: skip
+            made[sample_id] = (key, source, group if crops > 1 else key, texts)
+            sample_id += 1
+        write_shard(folder / f"{shard:05d}", samples, "pairs")
+    return made

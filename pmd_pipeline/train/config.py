@@ -22,7 +22,11 @@ class DataConfig:
     mix: dict[str, float] = field(default_factory=lambda: {"pairs": 0.70, "image": 0.15, "text": 0.15})
     batch_size: int = 8  # per rank; equal on every rank (global contrastive needs it)
     workers: int = 2
-    max_text_len: int = 32
+    pair_text_len: int = 77  # tokens of a paired caption (FLAVA: 77)
+    text_len: int = 512  # tokens of a text-only passage (FLAVA: 512); the model's positions cover the longer
+    shuffle_buffer: int = 1000  # samples per shuffle window of each stream (0: shards in order, unshuffled)
+    shard_lanes: int = 4  # shards each stream reads at once, round-robin, so a window mixes sources and images
+    itm_negative_rate: float = 0.1  # torchmultimodal's FLAVA itm_probability (see data.ITM_NEGATIVE_RATE)
     codebook: str = "auto"  # "auto" = the one all shards share; else must equal the sidecars' codebook
     skip_untokenized: bool = False  # True: leave shards without tokens out (counted) instead of stopping
 
@@ -98,6 +102,11 @@ def load_train_config(path: Path | None = None, **overrides) -> TrainConfig:
 
 def _build(cls, raw: dict, where: str):
     names = {f.name: f for f in dataclasses.fields(cls)}
+    if cls is DataConfig and "max_text_len" in raw:  # one length for both was split in two (issue 16)
+        raise PmdError(
+            f"{where}: max_text_len is gone: set pair_text_len (paired captions, FLAVA 77) and text_len "
+            "(text-only passages, FLAVA 512) instead"
+        )
     unknown = set(raw) - set(names)
     if unknown:
         raise PmdError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {sorted(names)}")
@@ -110,12 +119,22 @@ def _build(cls, raw: dict, where: str):
     cfg = cls(**values)
     if cls is DataConfig:
         _check_mix(cfg.mix, where)
+        _check_data(cfg, where)
     return cfg
 
 
 def _check_mix(mix: dict[str, float], where: str) -> None:
     if set(mix) - {"pairs", "image", "text"} or not mix or sum(mix.values()) <= 0 or min(mix.values()) < 0:
         raise PmdError(f"{where}: mix must weight 'pairs', 'image', 'text' with non-negative numbers, got {mix}")
+
+
+def _check_data(data: DataConfig, where: str) -> None:
+    if min(data.pair_text_len, data.text_len) < 8:
+        raise PmdError(f"{where}: pair_text_len and text_len must be at least 8 tokens")
+    if data.shuffle_buffer < 0 or data.shard_lanes < 1:
+        raise PmdError(f"{where}: shuffle_buffer must be >= 0 and shard_lanes >= 1")
+    if not 0 <= data.itm_negative_rate < 1:
+        raise PmdError(f"{where}: itm_negative_rate must be in [0, 1), got {data.itm_negative_rate}")
 
 
 def as_dict(cfg: TrainConfig) -> dict:

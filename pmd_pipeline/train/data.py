@@ -1,15 +1,19 @@
 """Stream shards into batches: decode, mask and tokenize in DataLoader workers; resumable by batch count.
 
-Each (rank, worker) pair reads its own deterministic stream, an endless chain of epochs, and builds
-whole batches. The DataLoader hands batches out round-robin over its workers, so after `n` batches of a
-task every worker knows how many of its own batches were used: resume skips exactly those.
+Each (rank, worker) pair is one stream; which raw sample it reads when is `order.py`'s arithmetic (global
+epochs, shard lanes, shuffle windows). The DataLoader hands batches out round-robin over its workers, so
+after `n` batches of a task every worker knows how many of its own batches were used: resume computes
+the position of the next one, skips whole shards unopened and the current shard's prefix as raw tar
+members, and decodes nothing it skips.
 """
 
 from __future__ import annotations
 
 import io
-import itertools
+import json
 import math
+import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 
@@ -19,23 +23,51 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.storage import as_path
 from pmd_pipeline.train.masking import block_mask, mlm_mask
+from pmd_pipeline.train.order import epoch_plan, samples_per_stream, window_order, window_size
+from shards.layout import SIDECAR_SUFFIX, STATS_SUFFIX
 from shards.tar import shard_samples
 
 # No crop or flip: the dVAE tokens describe exactly the stored 224x224 pixels.
 IMAGE_SIZE = 224
 TASK_IDS = {"pairs": 0, "image": 1, "text": 2}
-ITM_NEGATIVE_RATE = 0.5
+# torchmultimodal's FLAVA example (examples/flava/data/datamodules.py, VLDataModule(itm_probability=0.1),
+# and VLTransform in data/transforms.py) replaces a caption with a random other one with probability 0.1;
+# Hugging Face's FlavaForPreTraining takes itm_labels as given and samples nothing itself.
+ITM_NEGATIVE_RATE = 0.1
+# A region crop's key is its image's key plus the box: `vg_<image_id>_<x>_<y>_<w>_<h>` (sources/visual_genome.py).
+REGION_KEY = re.compile(r"^(.+_\d+)(?:_\d+){4}$")
+
+
+def task_stream(data, task: str, report, tok_dir: str, seed: int, rank: int, world: int, skip: int) -> TaskStream:
+    """The stream the trainer reads for one task, as the [data] config and the preflight report say."""
+    return TaskStream(
+        task, report.tars[task], tok_dir, data.batch_size, data.pair_text_len if task == "pairs" else data.text_len,
+        seed, rank, world, skip_batches=skip, counts=report.counts.get(task), shuffle_buffer=data.shuffle_buffer,
+        lanes=data.shard_lanes, itm_negative_rate=data.itm_negative_rate,
+    )  # fmt: skip
 
 
 class TaskStream(IterableDataset):
-    """Endless batches of one task ('pairs', 'image' or 'text') for one rank."""
+    """Endless batches of one task ('pairs', 'image' or 'text') for one rank.
 
-    def __init__(self, task, tars, tokenizer_dir, batch_size, max_text_len, seed, rank, world, skip_batches=0):
+    counts: samples per tar (preflight reads them from the build's stats; None: see count_samples).
+    shuffle_buffer: samples per shuffle window (0: read in order); lanes: parts of a stream's share read
+    round-robin, so that a window mixes several shards. `decoded` and `raw_read` count this process's work.
+    """
+
+    def __init__(
+        self, task, tars, tokenizer_dir, batch_size, text_len, seed, rank, world, skip_batches=0,
+        counts=None, shuffle_buffer=0, lanes=1, itm_negative_rate=ITM_NEGATIVE_RATE,
+    ):  # fmt: skip
         super().__init__()
         self.task, self.tars, self.tokenizer_dir = task, list(tars), tokenizer_dir
-        self.batch_size, self.max_text_len, self.seed = batch_size, max_text_len, seed
+        self.batch_size, self.text_len, self.seed = batch_size, text_len, seed
         self.rank, self.world, self.skip_batches = rank, world, skip_batches
+        self.counts = list(counts) if counts is not None else count_samples(self.tars)
+        self.shuffle_buffer, self.lanes, self.itm_negative_rate = shuffle_buffer, lanes, itm_negative_rate
+        self.decoded = self.raw_read = 0
         self._tokenizer = None
 
     def __iter__(self) -> Iterator[dict]:
@@ -44,45 +76,58 @@ class TaskStream(IterableDataset):
         # A fresh DataLoader starts its round-robin at worker 0, but batch `skip_batches` belongs to
         # stream skip_batches % workers: rotate the roles so the resumed order equals the original one.
         logical = (worker + self.skip_batches) % workers
-        stream = self.rank * workers + logical
+        stream, streams = self.rank * workers + logical, self.world * workers
         mine = len(range(logical, self.skip_batches, workers))  # own batches already consumed
-        batches = _with_neighbours(self._decoded_batches(stream, self.world * workers))
-        for index, (previous, batch, following) in enumerate(batches):
-            if index < mine:
-                continue
+        for index, (window, picks) in enumerate(self._windows(stream, streams, mine), start=mine):
             rng = np.random.default_rng([self.seed, TASK_IDS[self.task], stream, index])
-            pool = [s["text"] for s in (previous or following or []) if "text" in s]
-            packed = self._collate(batch[0], batch[1], pool, rng, shared=info is not None)
+            samples, failures = self._decode(window, picks)
+            packed = self._collate(samples, failures, window, rng, shared=info is not None)
             yield packed if info else packed.unpack()  # make_loader unpacks what crosses the worker queue
 
-    def _raw_samples(self, stream: int, streams: int) -> Iterator[dict]:
-        for epoch in itertools.count():
-            order = np.random.default_rng([self.seed, TASK_IDS[self.task], epoch]).permutation(len(self.tars))
-            tars = [self.tars[i] for i in order]
-            # Enough shards: each stream reads whole shards; too few: every stream reads all, keeps its share.
-            by_shard = len(tars) >= streams
-            seen = 0
-            source = tars[stream::streams] if by_shard else tars
-            for position, sample in enumerate(shard_samples(source)):
-                if by_shard or position % streams == stream:
-                    seen += 1
-                    yield sample
-            if seen == 0:
-                raise PmdError(f"task '{self.task}': data stream {stream} of {streams} got no samples in an epoch")
+    def _windows(self, stream: int, streams: int, first: int) -> Iterator[tuple[_Window, np.ndarray]]:
+        """(window, indices into it) of each batch of this stream, from its batch `first` on."""
+        size, task_id = self.batch_size, TASK_IDS[self.task]
+        per = samples_per_stream(sum(self.counts), streams, size, self.task)
+        window = window_size(self.shuffle_buffer, size)
+        epoch, at = divmod(first * size, per)
+        while True:
+            plan = epoch_plan(self.counts, epoch, stream, streams, per, self.lanes, self.seed, task_id)
+            reader = _PlanReader(self, plan)
+            for start in range(at // window * window, per, window):
+                held = _Window(reader.read(start, min(start + window, per)), epoch, self.seed)
+                order = window_order(len(held.raws), self.shuffle_buffer > 0, self.seed, task_id, epoch, stream, start)
+                for batch in range(max(at, start) - start, len(held.raws), size):
+                    yield held, order[batch : batch + size]
+            epoch, at = epoch + 1, 0
 
-    def _decoded_batches(self, stream: int, streams: int) -> Iterator[tuple[list[dict], Counter]]:
-        batch, failures = [], Counter()
-        for raw in self._raw_samples(stream, streams):
-            sample, reason = decode_sample(raw, self.task)
-            if reason:
-                failures[reason] += 1  # a corrupt sample is counted and replaced, so batches stay equal
-                continue
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield batch, failures
-                batch, failures = [], Counter()
+    def _decode(self, window: _Window, picks: np.ndarray) -> tuple[list[dict], Counter]:
+        """The batch's samples. A corrupt one is counted and replaced by the next good sample of its window
+        outside the batch, else (a window of one batch, all else corrupt) by a good one of the batch itself."""
+        decoded, failures = [], Counter()
+        taken = set(picks.tolist())
+        spares = (i for i in _after(picks, len(window.raws)) if i not in taken)
+        for index in picks:
+            sample, reason = self._decode_one(window, int(index))
+            while reason:
+                failures[reason] += 1
+                spare = next(spares, None)
+                if spare is None:
+                    break
+                sample, reason = self._decode_one(window, spare)
+            decoded.append(None if reason else sample)
+        good = [sample for sample in decoded if sample is not None]
+        if not good:
+            raise PmdError(f"task '{self.task}': no decodable sample in a window of {len(window.raws)}")
+        return [sample or good[i % len(good)] for i, sample in enumerate(decoded)], failures
 
-    def _collate(self, samples, failures, pool, rng, shared: bool = False) -> PackedBatch:
+    def _decode_one(self, window: _Window, index: int) -> tuple[dict | None, str | None]:
+        self.decoded += 1
+        sample, reason = decode_sample(window.raws[index], self.task, window.epoch, self.seed)
+        if sample is not None:
+            sample["group"] = window.group(index)
+        return sample, reason
+
+    def _collate(self, samples, failures, window, rng, shared: bool = False) -> PackedBatch:
         arrays: dict[str, np.ndarray] = {}
         if self.task in ("pairs", "image"):
             arrays["bool_masked_pos"] = np.stack([block_mask(rng).reshape(-1) for _ in samples])
@@ -90,14 +135,14 @@ class TaskStream(IterableDataset):
         if self.task in ("pairs", "text"):
             texts = [s["text"] for s in samples]
             if self.task == "pairs":
-                texts, arrays["itm_labels"] = _itm_negatives(texts, pool, rng)
+                texts, arrays["itm_labels"] = _itm_negatives(samples, window, rng, self.itm_negative_rate)
             arrays.update(self._tokenize(texts, rng))
         pixels = [s["pixels"] for s in samples] if self.task in ("pairs", "image") else None
         return PackedBatch.build(arrays, pixels, {"failures": dict(failures)}, shared)
 
     def _tokenize(self, texts: list[str], rng: np.random.Generator) -> dict:
         if self._tokenizer is None:  # loaded once per worker process
-            self._tokenizer = _Tokenizer(self.tokenizer_dir, self.max_text_len)
+            self._tokenizer = _Tokenizer(self.tokenizer_dir, self.text_len)
         tok = self._tokenizer
         ids, attention = tok.encode(texts)
         special = np.isin(ids, tok.special_ids)
@@ -107,6 +152,115 @@ class TaskStream(IterableDataset):
         )
         return {"input_ids": ids, "input_ids_masked": np.stack(masked), "mlm_labels": np.stack(labels),
                 "attention_mask": attention}  # fmt: skip
+
+
+def _after(picks: np.ndarray, size: int) -> Iterator[int]:
+    """Window indices after the batch's last pick, wrapping around: where replacements come from."""
+    last = int(picks.max()) if len(picks) else 0
+    return ((last + 1 + i) % size for i in range(size))
+
+
+class _Window:
+    """One shuffle window's raw samples (bytes, undecoded) and what the ITM pool needs of them."""
+
+    def __init__(self, raws: list[dict], epoch: int, seed: int):
+        self.raws, self.epoch, self.seed = raws, epoch, seed
+        self._pool = None
+
+    def group(self, index: int) -> str:
+        return image_group(self.raws[index].get("__key__", ""))
+
+    def pool(self) -> list[tuple[str, str]]:
+        """(image group, this visit's caption) of every sample in the window with text."""
+        if self._pool is None:
+            self._pool = []
+            for i, raw in enumerate(self.raws):
+                captions = captions_of(raw)
+                if captions:
+                    self._pool.append((self.group(i), pick_caption(captions, raw["__key__"], self.epoch, self.seed)))
+        return self._pool
+
+
+class _PlanReader:
+    """Raw samples of one stream's epoch, by its index in the stream: one sequential reader per lane."""
+
+    def __init__(self, stream: TaskStream, plan):
+        self.stream, self.plan, self.lanes = stream, plan, {}
+
+    def read(self, begin: int, end: int) -> list[dict]:
+        raws = []
+        for lane, position in zip(self.plan.lane_of[begin:end], self.plan.position[begin:end], strict=True):
+            if lane not in self.lanes:  # opened where it is first needed: a resumed stream skips the rest
+                self.lanes[lane] = self._range(int(position))
+            raws.append(next(self.lanes[lane]))
+        return raws
+
+    def _range(self, position: int) -> Iterator[dict]:
+        """Raw samples from a global position on, shard after shard: earlier shards are never opened."""
+        plan, tars = self.plan, self.stream.tars
+        shard = plan.shard_at(position)
+        while True:
+            begin, end = int(plan.starts[shard]), int(plan.starts[shard + 1])
+            samples = shard_samples([tars[plan.shards[shard]]])
+            at = begin
+            for raw in samples:
+                self.stream.raw_read += 1
+                if at >= end:
+                    break  # a shard holding more samples than its stats say: the rest is not this position's
+                if at >= position:
+                    yield raw
+                    position += 1
+                at += 1
+            samples.close()
+            while position < end:  # a shard holding fewer: the missing ones are counted like corrupt samples
+                yield {"__error__": "shard_short"}
+                position += 1
+            shard += 1
+
+
+def count_samples(tars: list[str]) -> list[int]:
+    """Samples per tar for shards named by URL: what the build wrote beside each one (its tokens sidecar, else
+    its stats), else counted from its members (no decoding; a `pipe:` command, or a tar without either)."""
+    return [_count(tar) for tar in tars]
+
+
+def _count(tar: str) -> int:
+    if not tar.startswith("pipe:"):
+        path = as_path(tar)
+        for suffix, field in ((SIDECAR_SUFFIX, "samples_tokenized"), (STATS_SUFFIX, "samples_written")):
+            try:
+                return int(json.loads(path.with_name(f"{path.stem}{suffix}").read_text())[field])
+            except Exception:  # noqa: BLE001 - missing, unreadable or not the build's: the next way to count
+                continue
+    return sum(1 for _ in shard_samples([tar]))
+
+
+def image_group(key: str) -> str:
+    """The image a sample shows: region crops of one image share it; other samples are their own."""
+    match = REGION_KEY.match(key)
+    return match.group(1) if match else key
+
+
+def captions_of(raw: dict) -> list[str]:
+    """Every caption of a sample: the json's `captions`, else the `txt` member (the first caption)."""
+    captions = None
+    if "json" in raw:
+        try:
+            captions = json.loads(raw["json"]).get("captions")
+        except (ValueError, AttributeError):
+            captions = None
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        captions = [raw["txt"].decode("utf-8", errors="replace")] if "txt" in raw else []
+    return [c.strip() for c in captions if c.strip()]
+
+
+def pick_caption(captions: list[str], key: str, visit: int, seed: int) -> str:
+    """Visit v of a sample with n captions takes caption perm[v % n] of a permutation seeded by (seed, key):
+    every n visits (epochs) train on every caption once."""
+    if len(captions) == 1:
+        return captions[0]
+    perm = np.random.default_rng([seed, zlib.crc32(key.encode("utf-8", "surrogatepass"))]).permutation(len(captions))
+    return captions[perm[visit % len(captions)]]
 
 
 class _Tokenizer:
@@ -214,35 +368,32 @@ def _channels_last(shape: tuple) -> tuple:
     return batch, height, width, channels
 
 
-def _itm_negatives(texts: list[str], pool: list[str], rng: np.random.Generator):
-    """Swap about half the captions for one from a neighbouring batch: negatives never come from this batch."""
-    texts, labels = list(texts), np.ones(len(texts), dtype=np.int64)
-    for i, text in enumerate(texts):
-        others = [p for p in pool if p != text]
-        if others and rng.random() < ITM_NEGATIVE_RATE:
+def _itm_negatives(samples: list[dict], window: _Window, rng: np.random.Generator, rate: float):
+    """Swap a caption, with probability `rate`, for one drawn from the shuffle window: never a caption of
+    the same image (nor of a crop of it), nor the same text."""
+    texts, labels = [s["text"] for s in samples], np.ones(len(samples), dtype=np.int64)
+    pool = window.pool()
+    for i, sample in enumerate(samples):
+        if rng.random() >= rate:
+            continue
+        others = [text for group, text in pool if group != sample["group"] and text != sample["text"]]
+        if others:
             texts[i], labels[i] = others[rng.integers(len(others))], 0
     return texts, labels
 
 
-def _with_neighbours(items: Iterator) -> Iterator[tuple]:
-    """(previous, current, next) for each item; previous is None for the first."""
-    previous, current = None, next(items)
-    for following in items:
-        yield previous and previous[0], current, following[0]
-        previous, current = current, following
-
-
-def decode_sample(raw: dict, task: str) -> tuple[dict | None, str | None]:
-    """The fields a task needs, or a reason code why the sample cannot be used."""
+def decode_sample(raw: dict, task: str, visit: int = 0, seed: int = 0) -> tuple[dict | None, str | None]:
+    """The fields a task needs, or a reason code why the sample cannot be used; `visit` picks the caption."""
     if "__error__" in raw:
         return None, raw["__error__"]
     sample = {}
     if task in ("pairs", "text"):
-        if "txt" not in raw:
+        if "txt" not in raw and "json" not in raw:
             return None, "no_text"
-        sample["text"] = raw["txt"].decode("utf-8", errors="replace").strip()
-        if not sample["text"]:
+        captions = captions_of(raw)
+        if not captions:
             return None, "empty_text"
+        sample["text"] = pick_caption(captions, raw.get("__key__", ""), visit, seed)
     if task in ("pairs", "image"):
         if "jpg" not in raw:
             return None, "no_image"

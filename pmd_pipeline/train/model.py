@@ -35,6 +35,11 @@ def build_model(cfg: ModelConfig, text_vocab: int, max_text_len: int):
         model = FlavaForPreTraining.from_pretrained(cfg.pretrained, local_files_only=True)
         if model.config.text_config.vocab_size < text_vocab:
             raise PmdError(f"checkpoint text vocab {model.config.text_config.vocab_size} < tokenizer's {text_vocab}")
+        if model.config.text_config.max_position_embeddings < max_text_len:
+            raise PmdError(
+                f"checkpoint's text positions ({model.config.text_config.max_position_embeddings}) < the "
+                f"configured text length {max_text_len}: lower data.text_len / data.pair_text_len"
+            )
     else:
         model = FlavaForPreTraining(FlavaConfig(**tiny_config(cfg, text_vocab, max_text_len)))
     # The paired step computes the global contrastive loss itself (losses.py), so the stock head is off.

@@ -20,6 +20,7 @@ class Preflight:
     samples: dict[str, int]  # task -> samples in those tars
     mix: dict[str, float]  # the configured mix, tasks without data set to 0
     codebook: str
+    counts: dict[str, list[int]] = field(default_factory=dict)  # task -> samples per tar (absent: a URL list)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> shards left out
     notes: list[str] = field(default_factory=list)
 
@@ -33,12 +34,13 @@ def preflight(data: DataConfig) -> Preflight:
     report = Preflight(tars={}, samples={}, mix=dict(data.mix), codebook="")
     codebooks: dict[str, str] = {}
     for task, folders in _task_folders(root, data).items():
-        tars, samples = [], 0
+        tars, counts = [], []
         for folder in folders:
             for tar, count in _finished_shards(folder, task, data, report, codebooks):
                 tars.append(str(tar))
-                samples += count
-        report.tars[task], report.samples[task] = tars, samples
+                counts.append(count)
+        samples = sum(counts)
+        report.tars[task], report.samples[task], report.counts[task] = tars, samples, counts
         if samples == 0 and report.mix.get(task, 0) > 0:
             report.notes.append(f"task '{task}' has no samples in {root}: its weight {report.mix[task]} is set to 0")
             report.mix[task] = 0.0

@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from pmd_pipeline.errors import PmdError
+from pmd_pipeline.train.data import captions_of
 from shards.tar import shard_samples
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -126,5 +127,4 @@ def _special_kwargs() -> dict:
 
 def _texts(tars: list[str]):
     for sample in shard_samples(tars):
-        if "txt" in sample:
-            yield sample["txt"].decode("utf-8", errors="replace")
+        yield from captions_of(sample)  # every caption is trained on, so every caption is in the vocabulary

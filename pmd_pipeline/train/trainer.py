@@ -23,7 +23,7 @@ from pmd_pipeline.train.config import (
     changed_on_resume,
     flat_config,
 )
-from pmd_pipeline.train.data import TaskStream, make_loader
+from pmd_pipeline.train.data import make_loader, task_stream
 from pmd_pipeline.train.distributed import (
     barrier,
     drop_unused_grads,
@@ -64,7 +64,7 @@ def train(cfg: TrainConfig, resume: bool = False, say=print) -> Path:
     from transformers import AutoTokenizer
 
     vocab = len(AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True))
-    model = build_model(cfg.model, vocab, cfg.data.max_text_len).to(device)
+    model = build_model(cfg.model, vocab, max(cfg.data.pair_text_len, cfg.data.text_len)).to(device)
     start, consumed = 0, Counter()
     if state is not None:
         model.load_state_dict(state["model"])  # the full weights, on every rank, before any sharding
@@ -123,11 +123,8 @@ class _Loaders:
 
     def next(self, task: str) -> dict:
         if task not in self.iters:
-            d = self.cfg.data
-            stream = TaskStream(
-                task, self.report.tars[task], self.tok_dir, d.batch_size, d.max_text_len,
-                self.cfg.seed, self.rank, self.world, skip_batches=self.consumed[task],
-            )  # fmt: skip
+            d, skip = self.cfg.data, self.consumed[task]
+            stream = task_stream(d, task, self.report, self.tok_dir, self.cfg.seed, self.rank, self.world, skip)
             self.iters[task] = make_loader(stream, d.workers)
         batch = next(self.iters[task])
         self.consumed[task] += 1
