@@ -33,7 +33,8 @@ def batches(tmp_path_factory):
             "text": [str(p) for p in sorted((shards / "text_corpus").glob("*.tar"))]}  # fmt: skip
     out = {}
     for task, files in tars.items():
-        stream = TaskStream(task, files, str(root / "tok"), BATCH, 32, seed=3, rank=0, world=1)
+        # a rate of 0.5 (not the paper's 0.1): the batch of 8 must hold negatives for the MMM weighting
+        stream = TaskStream(task, files, str(root / "tok"), BATCH, 32, seed=3, rank=0, world=1, itm_negative_rate=0.5)
         batch = next(iter(stream))
         batch.pop("failures")
         out[task] = batch
