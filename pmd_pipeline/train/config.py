@@ -48,6 +48,13 @@ class OptimConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0  # steps between zero-shot retrieval evaluations during training; 0 = never
+    data: str = ""  # held-out shards (a build folder or a shard list), as `pmd eval --shards`
+    limit: int = 1000  # image-text pairs read from them
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "pmd_runs/tiny"
     tokenizer: str = ""  # a local HF tokenizer folder; empty = train WordPiece on the shards' text
@@ -60,6 +67,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def load_train_config(path: Path | None = None, **overrides) -> TrainConfig:
@@ -75,6 +83,11 @@ def load_train_config(path: Path | None = None, **overrides) -> TrainConfig:
     return _build(TrainConfig, raw, str(path))
 
 
+def config_from_dict(raw: dict, where: str) -> TrainConfig:
+    """The config a checkpoint carries (`as_dict` of it), checked as a TOML file is."""
+    return _build(TrainConfig, dict(raw), where)
+
+
 def _build(cls, raw: dict, where: str):
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(raw) - set(names)
@@ -82,7 +95,7 @@ def _build(cls, raw: dict, where: str):
         raise PmdError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {sorted(names)}")
     values = {}
     for name, value in raw.items():
-        sub = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig}.get(name)
+        sub = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "eval": EvalConfig}.get(name)
         values[name] = _build(sub, value, f"{where}, table {name}") if sub and cls is TrainConfig else value
     if "betas" in values:
         values["betas"] = tuple(values["betas"])

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pmd_pipeline.errors import PmdError
-from pmd_pipeline.train.checkpoint import last_checkpoint, read_checkpoint, save_checkpoint
+from pmd_pipeline.train.checkpoint import check_codebook, last_checkpoint, read_checkpoint, save_checkpoint
 from pmd_pipeline.train.config import TrainConfig, as_dict
 from pmd_pipeline.train.data import TaskStream, make_loader
 from pmd_pipeline.train.distributed import (
@@ -25,6 +25,8 @@ from pmd_pipeline.train.distributed import (
     next_batch_everywhere,
     prepare_training,
 )
+from pmd_pipeline.train.evaluate import evaluate_during_training
+from pmd_pipeline.train.export import check_pretrained_codebook
 from pmd_pipeline.train.model import build_model
 from pmd_pipeline.train.preflight import preflight
 from pmd_pipeline.train.sampling import TASKS, task_for_step
@@ -38,6 +40,8 @@ def train(cfg: TrainConfig, resume: bool = False, say=print) -> Path:
     report = preflight(cfg.data)
     for note in report.notes:
         say(f"note: {note}")
+    if cfg.model.pretrained:
+        check_pretrained_codebook(cfg.model.pretrained, report.codebook)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(as_dict(cfg), indent=1) + "\n")
@@ -56,6 +60,7 @@ def train(cfg: TrainConfig, resume: bool = False, say=print) -> Path:
         if path is None:
             raise PmdError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
         state = read_checkpoint(path)
+        check_codebook(state.get("codebook"), report.codebook, path)
         model.load_state_dict(state["model"])  # the full weights, on every rank, before any sharding
         start, consumed = state["step"], Counter(state["consumed_batches"])
         say(f"resuming {run_dir} at step {start}")
@@ -98,7 +103,8 @@ def _loop(cfg, tasks, snapshot, optimizer, scheduler, loaders, start, rank, worl
         mix[task] += 1
         seconds = time.perf_counter() - t0
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.optim.steps:
-            _checkpoint(cfg, run_dir, step + 1, snapshot, scheduler, loaders.consumed, rank, world)
+            _checkpoint(cfg, run_dir, step + 1, snapshot, scheduler, loaders.consumed, rank, world, report.codebook)
+        evaluate_during_training(step + 1, tasks, loaders.tok_dir, cfg, rank, say)
         if rank == 0:
             row = _log_row(step, task, losses, loss, scheduler, cfg, world, data_wait, seconds, mix, failures)
             log.write(json.dumps(row) + "\n")
@@ -148,11 +154,13 @@ def _pretty(row: dict) -> str:
     return f"step {row['step']:>5} {row['task']:<5} {losses}  lr={row['lr']:.2e} {row['samples_per_s']} samples/s"
 
 
-def _checkpoint(cfg, run_dir, step, snapshot, scheduler, consumed, rank, world):
+def _checkpoint(cfg, run_dir, step, snapshot, scheduler, consumed, rank, world, codebook):
     model_state, optimizer_state = snapshot()  # under FSDP a collective: every rank takes part
     rng_states = gather_rng_states(world)
     if rank == 0:
-        save_checkpoint(run_dir, step, model_state, optimizer_state, scheduler, consumed, rng_states, as_dict(cfg))
+        save_checkpoint(
+            run_dir, step, model_state, optimizer_state, scheduler, consumed, rng_states, as_dict(cfg), codebook
+        )
     barrier(world)
 
 
