@@ -199,7 +199,8 @@ class Pairs:
 
 
 def shard_pairs(shards: str, limit: int) -> Pairs:
-    """The image-text pairs of a build folder's paired sources (or of listed tars), all captions of each."""
+    """The image-text pairs of a build folder's paired sources, of one source's folder or of listed tars, all
+    captions of each."""
     pairs = Pairs()
     for sample in shard_samples(_pair_tars(shards)):
         if len(pairs.pixels) >= limit:
@@ -217,6 +218,8 @@ def _pair_tars(shards: str) -> list[str]:
     root = as_path(shards)
     if not root.is_dir():
         raise PmdError(f"held-out shards not found: {shards} (a build folder or a shard list)")
+    if shard_tars(root):  # one source's folder
+        return [str(tar) for tar in shard_tars(root)]
     unimodal = set(DataConfig().image_only) | set(DataConfig().text_only)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_") and p.name not in unimodal)
     return [str(tar) for folder in folders for tar in shard_tars(folder)]
