@@ -38,7 +38,14 @@ def look(index: int) -> str:
 
 def caption(rng: random.Random, seen: str) -> str:
     """The template's eight words, its subject the image's look: "a red circle resting near the quiet street"."""
+    _draw_old_subject(rng)
     return f"a {seen} {rng.choice(VERBS)} near the {rng.choice(ADJECTIVES)} {rng.choice(PLACES)}"
+
+
+def _draw_old_subject(rng: random.Random) -> None:
+    """The random subject the captions had before looks, drawn and unused: every later draw of the bundle
+    (how many sentences a passage has, which records are short) stays as it was, so every count does."""
+    rng.choice(ADJECTIVES), rng.choice(NOUNS)
 
 
 def make_cc3m(rng: random.Random, images: list[str]) -> str:
@@ -235,11 +242,11 @@ def make_visual_genome(rng: random.Random, images: list[str], karpathy_eval: lis
         zip_name = "images.zip" if folder == "VG_100K" else "images2.zip"
         images.append(f"zip\t{zip_name}\t{folder}/{image_id}.jpg\tjpg\t{look(i)}")
         boxes = [(10 + 20 * j, 15 + 10 * j, 60 + 10 * j, 40 + 5 * j) for j in range(4)]
-        image_regions = [
-            {"region_id": image_id * 100 + j, "width": w, "height": h, "image_id": image_id,
-             "phrase": f" {look(i)}\n", "y": y, "x": x}
-            for j, (x, y, w, h) in enumerate(boxes)
-        ]  # fmt: skip
+        image_regions = []
+        for j, (x, y, w, h) in enumerate(boxes):
+            _draw_old_subject(rng)  # each region's phrase names its image's look
+            image_regions.append({"region_id": image_id * 100 + j, "width": w, "height": h, "image_id": image_id,
+                                  "phrase": f" {look(i)}\n", "y": y, "x": x})  # fmt: skip
         image_regions.append({**image_regions[0], "region_id": image_id * 100 + 9, "phrase": "the same box again"})
         regions.append({"regions": image_regions, "id": image_id})
     return {
