@@ -252,3 +252,14 @@ def test_eval_needs_data_and_a_model(run, tmp_path):
     assert result.exit_code == 2 and "is neither" in result.output
     result = CliRunner().invoke(app, ["eval", str(run), "--karpathy", "x.json", "--coco-images", "val2014"])
     assert result.exit_code == 2 and "expected ROLE=ZIP" in result.output
+
+
+def test_evaluating_during_an_fsdp_run_is_refused(shards, tmp_path):
+    from pmd_pipeline.train.evaluate import evaluate_during_training
+
+    cfg = _config(shards, tmp_path / "run")
+    cfg.fsdp, cfg.eval.every, cfg.eval.data = True, 5, str(shards)
+    with pytest.raises(PmdError, match="not FSDP's shards"):
+        evaluate_during_training(1, None, None, cfg, rank=0)
+    cfg.fsdp = False
+    assert evaluate_during_training(1, None, None, cfg, rank=0) is None  # not a step to evaluate on

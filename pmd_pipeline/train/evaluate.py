@@ -381,6 +381,9 @@ def evaluate_classification(encoder: Encoder, found: Labelled, templates=TEMPLAT
 def evaluate_during_training(step: int, model, tok_dir, cfg: TrainConfig, rank: int, say=print) -> None:
     """What the trainer calls after each step: every `eval.every` steps, retrieval on `eval.data` (rank 0),
     a row in RUN/eval.jsonl. No randomness is drawn, so a resumed run's losses are unchanged."""
+    if cfg.eval.every and cfg.fsdp:  # rank 0 holds a shard of the weights only: checked at the first step
+        raise PmdError("[eval] every needs the whole model on rank 0, not FSDP's shards: evaluate the "
+                       "checkpoints with `pmd eval` instead (or set fsdp = false)")  # fmt: skip
     if not cfg.eval.every or step % cfg.eval.every or rank != 0:
         return
     model = getattr(model, "module", model).model  # DDP's wrapped FlavaTasks -> FlavaForPreTraining
