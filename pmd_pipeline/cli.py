@@ -1,4 +1,4 @@
-"""The `pmd` command: one verb per subcommand (build, sources, stats, show, verify, tokenize, pretrain).
+"""The `pmd` command: one verb per subcommand (build, sources, stats, show, verify, tokenize, pretrain, eval, export).
 
 This layer alone starts or joins Ray (`start_ray`); the stages below it run on whatever instance it made.
 It also owns how a run ends: one line per problem (exit 2), and SIGINT/SIGTERM stop a build cleanly (130/143).
@@ -390,6 +390,51 @@ def pretrain(
     with _errors_as_messages():
         say = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
         run_pretrain(config, resume, say=say, run_dir=run_dir)
+
+
+@app.command("eval")
+def eval_(
+    model: Path = typer.Argument(..., help="A run folder, a step_*.pt, or a Hugging Face FLAVA folder."),
+    shards: str = typer.Option(None, help="Held-out shards for retrieval: a build folder or a shard list."),
+    karpathy: str = typer.Option(None, help="Karpathy split file for retrieval (dataset_coco.json or zip::member)."),
+    coco_images: list[str] = typer.Option(
+        [], "--coco-images", help="COCO image zip by role, role=ZIP (e.g. val2014=val2014.zip); repeat per zip."
+    ),
+    split: str = typer.Option("test", help="The Karpathy split to evaluate on."),
+    imagenet: str = typer.Option(None, help="ImageNet-style folder (or tar/zip) of class folders: classification."),
+    classes: str = typer.Option(None, help="JSON {class folder: class name}; default: the folder names."),
+    limit: int = typer.Option(5000, help="At most this many images per evaluation."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
+) -> None:
+    """Zero-shot image-text retrieval (R@1/5/10 both ways) and classification with CLIP's prompt templates."""
+    from pmd_pipeline.inspection.eval_view import show_eval
+    from pmd_pipeline.train.evaluate import run_eval
+
+    with _errors_as_messages():
+        images = dict(_role_and_zip(entry) for entry in coco_images)
+        result = run_eval(model, shards, karpathy, images, split, imagenet, classes, limit)
+        print(json.dumps(result, indent=1)) if as_json else show_eval(result, Console())
+
+
+def _role_and_zip(entry: str) -> tuple[str, str]:
+    role, sep, path = entry.partition("=")
+    if not sep or not role or not path:
+        raise PmdError(f"--coco-images {entry!r}: expected ROLE=ZIP, e.g. val2014=/data/coco/val2014.zip")
+    return role, path
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="A run folder (its last checkpoint) or a step_*.pt."),
+    to: Path = typer.Option(..., "--to", help="The new Hugging Face folder to write."),
+) -> None:
+    """Write a run's model as a Hugging Face FLAVA folder (FlavaForPreTraining / FlavaModel load it), with its
+    tokenizer, the codebook identity of its tokens and its resolved train config."""
+    from pmd_pipeline.train.export import export as export_run
+
+    with _errors_as_messages():
+        checkpoint = export_run(run, to)
+        console.print(f"exported {escape(str(checkpoint))} to [bold]{escape(str(to))}[/]", highlight=False)
 
 
 # --- how a run stops: SIGINT (Ctrl-C) and SIGTERM (a scheduler, `kill`) take the same clean way out ---

@@ -9,10 +9,11 @@ import torch
 
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.train.config import ModelConfig, load_train_config
+from pmd_pipeline.train.export import write_codebook
 from pmd_pipeline.train.model import build_model
 from pmd_pipeline.train.tokenizer import train_wordpiece
 from pmd_pipeline.train.trainer import train
-from tests.train_fixtures import make_pmd
+from tests.train_fixtures import CODEBOOK, make_pmd
 
 TEXTS = [f"a photo of a {c} {t} on a table" for c in ("red", "green", "blue") for t in ("cup", "cat", "car")]
 
@@ -30,6 +31,7 @@ def checkpoint(folder, with_tokenizer=True, text_positions=512):
     with torch.no_grad():
         model.flava.text_model.embeddings.word_embeddings.weight[5].fill_(0.123)
     model.save_pretrained(folder)
+    write_codebook(folder, CODEBOOK)  # trained on the fixture shards' codebook
     if with_tokenizer:
         tokenizer.save_pretrained(str(folder))
     return model

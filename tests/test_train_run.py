@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from pmd_pipeline.cli import app
 from pmd_pipeline.errors import PmdError
-from pmd_pipeline.train.config import load_train_config
+from pmd_pipeline.train.config import as_dict, load_train_config
 from pmd_pipeline.train.trainer import train
 from tests.train_fixtures import make_pmd, make_shards
 
@@ -180,13 +180,24 @@ def _log_lines(run_dir) -> list[str]:
 
 
 def _toml(tmp_path, shards, run_dir):
-    """The TOML of _config(shards, run_dir, batch_size=4, steps=2), for the CLI."""
+    """The TOML of _config(shards, run_dir, batch_size=4, steps=2), for the CLI: every key written out, so the
+    two stay equal whatever the defaults of default.toml and of the dataclasses become."""
+    cfg = as_dict(_config(shards, run_dir, batch_size=4, steps=2))
+    tables = {k: v for k, v in cfg.items() if isinstance(v, dict)}
+    lines = [f"{k} = {_toml_value(v)}" for k, v in cfg.items() if k not in tables]
+    for name, table in tables.items():
+        lines += [f"[{name}]", *(f"{k} = {_toml_value(v)}" for k, v in table.items())]
     path = tmp_path / "run.toml"
-    path.write_text(
-        f'run_dir = "{run_dir}"\nvocab_size = 200\nlog_every = 100\n'
-        f'[data]\nshards = "{shards}"\nbatch_size = 4\nworkers = 0\n[optim]\nwarmup_steps = 2\nsteps = 2\n'
-    )
+    path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # str, int, float and bool are written alike in JSON and TOML
 
 
 def test_global_batch_that_does_not_divide_is_refused_before_anything_is_written(shards, tmp_path):

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from pmd_pipeline.config import BuildConfig, SourceConfig
 from pmd_pipeline.embedded.packaging import published_files
@@ -123,8 +123,8 @@ def _materialize_locally(root: Path) -> None:
     shutil.copytree(BUNDLE, root, ignore=shutil.ignore_patterns("images.tsv"))
     archives: dict[str, list[tuple[str, bytes]]] = {}
     for line in (BUNDLE / "images.tsv").read_text().splitlines():
-        place, *where, kind = line.split("\t")
-        body = synth_body(kind, "/".join(where))
+        place, *where, kind, look = line.split("\t")
+        body = synth_body(kind, "/".join(where), look)
         if place == "mirror":
             target = root / "mirror" / where[0].split("?")[0]  # a static server ignores the query string
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -218,19 +218,55 @@ def _write_archive(path: Path, members: list[tuple[str, bytes]]) -> None:
             tar.addfile(info, io.BytesIO(body))
 
 
-def synth_body(kind: str, name: str) -> bytes:
-    """A JPEG whose look and size derive from its name, or an HTML page for the 'served HTML' case."""
+# The looks the bundle's images are drawn in (make_bundle.py names them in every caption).
+PALETTE = {
+    "red": (210, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 210),
+    "yellow": (235, 215, 30),
+    "purple": (140, 40, 170),
+    "orange": (240, 130, 20),
+}
+
+
+def synth_body(kind: str, name: str, look: str = "") -> bytes:
+    """A JPEG of its look ("red circle": a large red circle on a pale red ground; none: one derived from
+    the name), its size and placement derived from its name; or an HTML page for the 'served HTML' case.
+
+    The ground is a pale tint of the colour, so a region crop that misses the shape still shows it."""
     if kind == "html":
         return b"<!doctype html><html><body>This image is no longer available</body></html>"
     seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
     rng = np.random.default_rng(seed)
-    width, height = int(rng.integers(240, 640)), int(rng.integers(200, 480))
-    y, x = np.mgrid[0:height, 0:width]
-    base = rng.integers(0, 255, size=3)
-    pixels = (base + 0.3 * x[..., None] * rng.random(3) + 0.3 * y[..., None] * rng.random(3)) % 255
-    for _ in range(4):
-        x0, y0 = int(rng.integers(0, width - 40)), int(rng.integers(0, height - 40))
-        pixels[y0 : y0 + int(rng.integers(20, 120)), x0 : x0 + int(rng.integers(20, 160))] = rng.integers(0, 255, 3)
+    width, height = int(rng.integers(240, 640)), int(rng.integers(200, 480))  # first: sizes stay as they were
+    colour, shape = (look or _look_of(seed)).split(" ")
+    rgb = np.array(PALETTE[colour])
+    ground = (255 - 0.35 * (255 - rgb) + rng.normal(0, 6, (height, width, 3))).clip(0, 255).astype(np.uint8)
+    img = Image.fromarray(ground)
+    side = min(width, height) * rng.uniform(0.5, 0.65)
+    cx = width / 2 + rng.uniform(-0.1, 0.1) * min(width, height)  # near the centre: the build's centre crop keeps it
+    cy = height / 2 + rng.uniform(-0.1, 0.1) * min(width, height)
+    _draw_shape(ImageDraw.Draw(img), shape, cx, cy, side / 2, tuple(int(c) for c in rgb))
     buf = io.BytesIO()
-    Image.fromarray(pixels.astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    img.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
+
+
+def _look_of(seed: int) -> str:
+    shapes = ("circle", "square", "triangle", "cross")
+    return f"{list(PALETTE)[seed % len(PALETTE)]} {shapes[seed // len(PALETTE) % len(shapes)]}"
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple) -> None:
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        draw.rectangle((cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+    elif shape == "cross":
+        bar = r * 0.3
+        draw.rectangle((cx - r, cy - bar, cx + r, cy + bar), fill=fill)
+        draw.rectangle((cx - bar, cy - r, cx + bar, cy + r), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pmd_pipeline.errors import PmdError
 from shards.files import atomic_path
 
 
@@ -20,10 +21,12 @@ def save_checkpoint(
     consumed: dict[str, int],
     rng_states: list[dict] | None = None,
     config: dict | None = None,
+    codebook: str | None = None,
 ) -> Path:
     """model_state/optimizer_state: whole (unsharded) state dicts; the caller gathers them under FSDP.
     rng_states: every rank's `rng_state()`, in rank order (default: this process's only).
-    config: the resolved train config the run was started with (a checkpoint says what made it)."""
+    config: the resolved train config the run was started with (a checkpoint says what made it).
+    codebook: the identity of the dVAE codebook whose tokens the shards carry (the MIM targets' meaning)."""
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:08d}.pt"
@@ -35,10 +38,21 @@ def save_checkpoint(
         "consumed_batches": dict(consumed),  # the data position: batches taken per task
         "rng": rng_states or [rng_state()],  # one per rank: ranks are seeded apart and must stay apart
         "config": config,
+        "codebook": codebook,
     }
     with atomic_path(path) as tmp:  # a killed run never leaves a half checkpoint behind
         torch.save(state, tmp)
     return path
+
+
+def check_codebook(model_codebook: str | None, shards_codebook: str, model: str | Path) -> None:
+    """Training on from a model (a checkpoint or a pretrained folder) needs the shards' tokens from the
+    codebook its MIM heads learned: another codebook's code 17 means something else. Unknown (None): no check."""
+    if model_codebook is not None and shards_codebook and model_codebook != shards_codebook:
+        raise PmdError(
+            f"{model} was trained on tokens of codebook {model_codebook!r}, but the shards carry codebook "
+            f"{shards_codebook!r}: retokenize the shards with its codebook (`pmd tokenize OUT --codebook ... --force`)"
+        )
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:

@@ -65,6 +65,13 @@ class MetricsConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0  # steps between zero-shot retrieval evaluations during training; 0 = never
+    data: str = ""  # held-out shards (a build folder or a shard list), as `pmd eval --shards`
+    limit: int = 1000  # image-text pairs read from them
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "pmd_runs/tiny"
     tokenizer: str = ""  # a local HF tokenizer folder; empty = train WordPiece on the shards' text
@@ -78,13 +85,14 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # What `--resume` lets a config change: how the run is logged, checkpointed and fed, and how long it runs
 # (a longer optim.steps extends the run; its cosine then stretches to the new end from the resumed step).
 # Everything else changes what is trained, and a resume with it changed is refused.
 RESUMABLE_CHANGES = ("run_dir", "log_every", "checkpoint_every", "optim.steps", "data.workers", "metrics.*",
-                     "model.activation_checkpointing")  # fmt: skip
+                     "model.activation_checkpointing", "eval.*")  # fmt: skip
 
 
 def load_train_config(path: Path | None = None, **overrides) -> TrainConfig:
@@ -100,6 +108,11 @@ def load_train_config(path: Path | None = None, **overrides) -> TrainConfig:
     return _build(TrainConfig, raw, str(path))
 
 
+def config_from_dict(raw: dict, where: str) -> TrainConfig:
+    """The config a checkpoint carries (`as_dict` of it), checked as a TOML file is."""
+    return _build(TrainConfig, dict(raw), where)
+
+
 def _build(cls, raw: dict, where: str):
     names = {f.name: f for f in dataclasses.fields(cls)}
     if cls is DataConfig and "max_text_len" in raw:  # one length for both was split in two (issue 16)
@@ -111,8 +124,10 @@ def _build(cls, raw: dict, where: str):
     if unknown:
         raise PmdError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {sorted(names)}")
     values = {}
+    tables = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig}
+    tables.update(metrics=MetricsConfig, eval=EvalConfig)
     for name, value in raw.items():
-        sub = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "metrics": MetricsConfig}.get(name)
+        sub = tables.get(name)
         values[name] = _build(sub, value, f"{where}, table {name}") if sub and cls is TrainConfig else value
     if "betas" in values:
         values["betas"] = tuple(values["betas"])

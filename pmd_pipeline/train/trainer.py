@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pmd_pipeline.errors import PmdError
-from pmd_pipeline.train.checkpoint import last_checkpoint, read_checkpoint, save_checkpoint
+from pmd_pipeline.train.checkpoint import check_codebook, last_checkpoint, read_checkpoint, save_checkpoint
 from pmd_pipeline.train.config import (
     RESUMABLE_CHANGES,
     TrainConfig,
@@ -36,6 +36,8 @@ from pmd_pipeline.train.distributed import (
     no_sync_unless,
     prepare_training,
 )
+from pmd_pipeline.train.evaluate import evaluate_during_training
+from pmd_pipeline.train.export import check_pretrained_codebook
 from pmd_pipeline.train.metrics import TENSORBOARD, RunLog, check_metrics
 from pmd_pipeline.train.model import CachedFeatures, build_model, loss_counts
 from pmd_pipeline.train.preflight import preflight
@@ -53,6 +55,10 @@ def train(cfg: TrainConfig, resume: bool = False, say=print) -> Path:
     report = preflight(cfg.data)
     for note in report.notes:
         say(f"note: {note}")
+    if state is not None:  # the shards a run resumes on were made with the codebook it was trained on
+        check_codebook(state.get("codebook"), report.codebook, last_checkpoint(run_dir))
+    if cfg.model.pretrained:
+        check_pretrained_codebook(cfg.model.pretrained, report.codebook)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(as_dict(cfg), indent=1) + "\n")
@@ -146,7 +152,8 @@ def _loop(cfg, tasks, snapshot, optimizer, scheduler, loaders, start, accum, wor
         mix[task] += 1
         seconds = time.perf_counter() - t0
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.optim.steps:
-            _checkpoint(cfg, run_dir, step + 1, snapshot, scheduler, loaders.consumed, rank, world)
+            _checkpoint(cfg, run_dir, step + 1, snapshot, scheduler, loaders.consumed, rank, world, report.codebook)
+        evaluate_during_training(step + 1, tasks, loaders.tok_dir, cfg, rank, say)
         if log:
             samples = cfg.data.batch_size * world * accum
             row = _log_row(step, task, losses, lr, norm, samples, data_wait, seconds, mix, failures)
@@ -225,11 +232,13 @@ def _log_row(step, task, losses, lr, norm, samples, data_wait, seconds, mix, fai
     }
 
 
-def _checkpoint(cfg, run_dir, step, snapshot, scheduler, consumed, rank, world):
+def _checkpoint(cfg, run_dir, step, snapshot, scheduler, consumed, rank, world, codebook):
     model_state, optimizer_state = snapshot()  # under FSDP a collective: every rank takes part
     rng_states = gather_rng_states(world)
     if rank == 0:
-        save_checkpoint(run_dir, step, model_state, optimizer_state, scheduler, consumed, rng_states, as_dict(cfg))
+        save_checkpoint(
+            run_dir, step, model_state, optimizer_state, scheduler, consumed, rng_states, as_dict(cfg), codebook
+        )
     barrier(world)
 
 
