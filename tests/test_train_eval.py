@@ -30,7 +30,7 @@ from pmd_pipeline.train.evaluate import (
 )
 from pmd_pipeline.train.export import CODEBOOK_FILE, CONFIG_FILE, load_trained
 from pmd_pipeline.train.trainer import train
-from tests.train_fixtures import CODEBOOK, COLOURS, make_pmd, make_shards
+from tests.train_fixtures import CODEBOOK, COLOURS, make_pmd
 
 # --- the metrics on features whose answer is known -------------------------------------------------------
 
@@ -175,7 +175,7 @@ def test_eval_on_a_run_folder_and_on_its_export_agree(run, shards, tmp_path):
         assert all(0 <= v <= 1 for v in values) and values == sorted(values)
     classification = ours["classification"]
     assert classification["classes"] == 3 and classification["images"] == 9 and 0 <= classification["top1"] <= 1
-    assert ours["text_length"] == 32  # the run's own pair length (the embedded default's)
+    assert ours["text_length"] == 77  # the run's own pair length (data.pair_text_len, the embedded default's)
 
     exported = tmp_path / "hf"
     result = CliRunner().invoke(app, ["export", str(run), "--to", str(exported)])
@@ -237,10 +237,9 @@ def test_resume_on_shards_of_another_codebook_is_refused(run, tmp_path):
     import shutil
 
     shutil.copytree(run, tmp_path / "run")
-    other = tmp_path / "other"
-    make_shards(other, "pairs", "cc3m", per_shard=8, codebook="random, seed 3")
-    cfg = _config(other, tmp_path / "run", steps=6)
-    cfg.data.mix = {"pairs": 1.0, "image": 0.0, "text": 0.0}
+    other = make_pmd(tmp_path / "other", per_shard=12, shards=1, codebook="random, seed 3")  # the same, re-tokenized
+    cfg = _config(other, tmp_path / "run", steps=6)  # data.shards may move on resume; the codebook not
+    cfg.eval.every, cfg.eval.data, cfg.eval.limit = 2, str(other), 16
     with pytest.raises(PmdError, match="'random, seed 0', but the shards carry codebook 'random, seed 3'"):
         train(cfg, resume=True, say=lambda _: None)
 

@@ -89,10 +89,11 @@ class TrainConfig:
 
 
 # What `--resume` lets a config change: how the run is logged, checkpointed and fed, and how long it runs
-# (a longer optim.steps extends the run; its cosine then stretches to the new end from the resumed step).
+# (a longer optim.steps extends the run; its cosine then stretches to the new end from the resumed step), and
+# where its shards are (data moved to a bucket or another disk: the shards' codebook is still checked).
 # Everything else changes what is trained, and a resume with it changed is refused.
-RESUMABLE_CHANGES = ("run_dir", "log_every", "checkpoint_every", "optim.steps", "data.workers", "metrics.*",
-                     "model.activation_checkpointing", "eval.*")  # fmt: skip
+RESUMABLE_CHANGES = ("run_dir", "log_every", "checkpoint_every", "optim.steps", "data.workers", "data.shards",
+                     "metrics.*", "model.activation_checkpointing", "eval.*")  # fmt: skip
 
 
 def load_train_config(path: Path | None = None, **overrides) -> TrainConfig:
@@ -180,7 +181,7 @@ def changed_on_resume(saved: dict, now: dict) -> list[str]:
 def flat_config(d: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in d.items():
-        if isinstance(value, dict) and key in ("data", "model", "optim", "metrics"):
+        if isinstance(value, dict) and key in ("data", "model", "optim", "metrics", "eval"):
             out.update(flat_config(value, f"{key}."))
         else:
             out[prefix + key] = value
