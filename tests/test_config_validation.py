@@ -191,10 +191,18 @@ def bundle_config(source_cfg: SourceConfig, root: Path) -> SourceConfig:
     return served_locally(source_cfg, materialize(str(root.parent)))
 
 
+@pytest.fixture(scope="module")
+def bundle_out(tmp_path_factory) -> Path:
+    """One materialized embedded sample for the module: the sources only read it."""
+    out = tmp_path_factory.mktemp("bundle")
+    materialize(str(out))
+    return out
+
+
 @pytest.mark.parametrize("name", [s.name for s in default_config("/x").sources if s.metadata])
-def test_every_option_a_source_reads_is_declared(tmp_path, name):
-    root = tmp_path / "_embedded"
-    source_cfg = bundle_config(next(s for s in default_config(str(tmp_path)).sources if s.name == name), root)
+def test_every_option_a_source_reads_is_declared(bundle_out, name):
+    root = bundle_out / "_embedded"
+    source_cfg = bundle_config(next(s for s in default_config(str(bundle_out)).sources if s.name == name), root)
     options = RecordingOptions()
     options.update(source_cfg.options)
     rows = sum(b.height for b in get_source(name).read(dataclasses.replace(source_cfg, options=options), RejectLog()))
