@@ -20,11 +20,11 @@ stats OUT="pmd_out" *ARGS:
 
 # The default test run: offline, no GPU, under ~10 minutes (pytest exit 5 = no tests = failure)
 test *ARGS:
-    python -m pytest -m "not slow" --durations=15 {{ARGS}}
+    python -m pytest -m "not slow" --durations=40 {{ARGS}}
 
 # Only the slow tests (kill-and-resume and the like); CI runs them after `just test`
 test-slow *ARGS:
-    python -m pytest -m "slow and not soak" --durations=15 {{ARGS}}
+    python -m pytest -m "slow and not soak" --durations=40 {{ARGS}}
 
 # The soak tests: random-moment kills and the int8 twin of the streaming check (about 10 minutes; not in CI)
 test-soak *ARGS:
