@@ -153,3 +153,20 @@ def test_contamination_rule_drops_karpathy_eval_images_in_vg_and_ln_coco(embedde
 
 def spine_like(out, source: str) -> list[str]:
     return [str(p) for p in sorted((out / source).glob("0*.tar"))]
+
+
+def test_a_materialized_copy_from_another_bundle_or_code_is_redone_not_reused(tmp_path):
+    """A bucket build's scratch copy of the embedded sample outlives the run: a copy an older bundle or older
+    code made (here: an image changed and the marker of another version) is made again, whole."""
+    from pmd_pipeline.embedded import MATERIALIZED_MARKER, materialize, materialized_fingerprint
+
+    root = materialize(str(tmp_path / "out"))
+    image = next(p for p in sorted((root / "mirror").rglob("*.jpg")))
+    fresh = image.read_bytes()
+    assert (root / MATERIALIZED_MARKER).read_text() == materialized_fingerprint()
+
+    image.write_bytes(b"an image of an older bundle")
+    assert materialize(str(tmp_path / "out")) == root and image.read_bytes() != fresh  # current: reused as is
+    (root / MATERIALIZED_MARKER).write_text("2: published packaging in mirror/\n")  # the layout marker of before
+    materialize(str(tmp_path / "out"))
+    assert image.read_bytes() == fresh and (root / MATERIALIZED_MARKER).read_text() == materialized_fingerprint()

@@ -26,8 +26,6 @@ from sources.published import ADE20K, CC3M, CC12M, COCO_ZIPS, KARPATHY, LN, REDC
 
 BUNDLE = Path(__file__).parent / "bundle"
 MATERIALIZED_MARKER = ".materialized"
-# What the marker says: a copy made by another layout (a bucket's scratch folder outlives the run) is redone
-MATERIALIZED_LAYOUT = "2: published packaging in mirror/\n"
 EMBEDDED_FOLDER = "_embedded"
 
 
@@ -106,7 +104,18 @@ def materialize(out: str) -> Path:
 
 
 def _current(marker: Path) -> bool:
-    return marker.exists() and marker.read_text() == MATERIALIZED_LAYOUT
+    return marker.exists() and marker.read_text() == materialized_fingerprint()
+
+
+@functools.cache
+def materialized_fingerprint() -> str:
+    """What the marker says: a digest of the bundle and of the code that turns it into files. A copy made from
+    another bundle or by other code (a bucket's scratch folder outlives the run) is redone, never reused."""
+    digest = hashlib.sha256()
+    code = [Path(__file__), Path(__file__).with_name("packaging.py")]
+    for path in [*sorted(p for p in BUNDLE.rglob("*") if p.is_file()), *code]:
+        digest.update(path.relative_to(BUNDLE.parent).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest() + "\n"
 
 
 def _publish(root: Path, target: Path) -> None:
@@ -135,7 +144,7 @@ def _materialize_locally(root: Path) -> None:
     for name, members in archives.items():
         _write_archive(root / name, members)
     _package_for_the_mirror(root)
-    (root / MATERIALIZED_MARKER).write_text(MATERIALIZED_LAYOUT)
+    (root / MATERIALIZED_MARKER).write_text(materialized_fingerprint())
 
 
 # Where the mirror serves each file: its canonical URL (configs/pmd.toml's), https://host/path as mirror/host/path.
