@@ -101,7 +101,9 @@ def _tokenize_verify_and_train(tmp_path: Path) -> None:
     assert len(log) == 3 and all(row["loss"] > 0 for row in log)
 
 
-@pytest.mark.parametrize("point", ["write_tar", "before_stats"])
+# before_stats runs in the soak tests only (CI time): the moment is covered with tokens by test_resume's streaming
+# kills, and what is bucket-specific (an upload killed half-way is never visible) by write_tar.
+@pytest.mark.parametrize("point", ["write_tar", pytest.param("before_stats", marks=pytest.mark.soak)])
 def test_killed_during_uploads_then_resumed_equals_an_uninterrupted_build(point, s3, local_tars):
     out = f"s3://bucket/kill-{point}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {PAUSE_ENV: point}

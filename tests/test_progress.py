@@ -93,11 +93,12 @@ def test_a_build_in_a_terminal_shows_the_token_line_advancing(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_build_logging_to_a_file_writes_periodic_progress_lines(tmp_path):
+def test_a_build_logging_to_a_file_writes_periodic_progress_lines(ray_session, tmp_path):
     codebook = small_hf_folder(tmp_path / "codebook")
     log = tmp_path / "build.log"
-    with log.open("w") as stderr:
+    with log.open("w") as stderr:  # on the session's Ray instance: a cluster job's log, without Ray's start-up
         args = ["build", "--out", str(tmp_path / "out"), "--codebook", str(codebook), "--progress-every", "2"]
+        args += ["--ray-address", ray_session]
         done = subprocess.run([*PMD, *args], stdout=subprocess.DEVNULL, stderr=stderr, timeout=900)
     text = log.read_text()
     assert done.returncode == 0, text[-3000:]
