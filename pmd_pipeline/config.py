@@ -26,6 +26,7 @@ Seconds = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
 SecondsOrZero = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
 Share = Annotated[float, Strict(), Field(ge=0, le=1)]  # a fraction or probability
 
+
 @dataclass
 class FilterConfig:
     name: Text
@@ -98,7 +99,6 @@ class RunConfig:
     shard_retries: AtLeastZero = 3
     # stderr not a terminal (CI, a cluster job's log): one plain progress line this often; 0 = none
     progress_every_s: AtLeastZero = 30
-
 
 
 @dataclass

@@ -145,7 +145,7 @@ def test_dalle_pickle_loads_through_the_real_loader_and_gives_the_same_logits(tm
     encoder = Encoder().eval()
     save_dalle_pickle(tmp_path / "encoder.pkl", encoder)
     small = lambda: FlavaImageCodebookConfig(**SMALL)  # noqa: E731
-    monkeypatch.setattr("pmd_pipeline.tokens.codebook.FlavaImageCodebookConfig", small)
+    monkeypatch.setattr("transformers.FlavaImageCodebookConfig", small)
     codebook = load_codebook(tmp_path / "encoder.pkl")
     assert codebook.identity == files_identity([tmp_path / "encoder.pkl"]) and not codebook.random
     x = torch.from_numpy(pixels(2))

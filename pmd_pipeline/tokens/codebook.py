@@ -16,10 +16,14 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import FlavaImageCodebook, FlavaImageCodebookConfig
+
+if TYPE_CHECKING:  # transformers is imported where a model is made: 2.4 s CPU in every Ray worker that
+    # imports this module, and a shard task's worker only needs `codebook_identity`
+    from transformers import FlavaImageCodebook
 
 from pmd_pipeline.errors import PmdError
 from shards.layout import CODEBOOK_SIZE
@@ -68,6 +72,8 @@ def random_codebook(seed: int) -> FlavaImageCodebook:
     DALL-E's init rather than transformers' (std 0.02) keeps the logits spread out, so the random tokens
     use many codes like real ones; our own generator keeps them the same across library versions.
     """
+    from transformers import FlavaImageCodebook, FlavaImageCodebookConfig
+
     model = FlavaImageCodebook(FlavaImageCodebookConfig())
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -99,6 +105,7 @@ def _weight_files(folder: Path) -> list[Path]:
 def _load_hf_folder(folder: Path) -> FlavaImageCodebook:
     _weight_files(folder)
     try:
+        from transformers import FlavaImageCodebook
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a "Loading weights" bar per actor is noise in the build's display
@@ -150,6 +157,8 @@ DALLE_CLASSES = [
 
 
 def _load_dalle_pickle(path: Path) -> FlavaImageCodebook:
+    from transformers import FlavaImageCodebook, FlavaImageCodebookConfig
+
     state = dalle_state_dict(path)
     model = FlavaImageCodebook(FlavaImageCodebookConfig())
     renamed = dalle_to_flava_keys(state)
