@@ -44,10 +44,16 @@ def encoded(img: Image.Image, fmt: str = "JPEG", **params) -> bytes:
     return out.getvalue()
 
 
-def upright_six() -> bytes:
+def turned(orientation: int, width: int = 500, height: int = 375) -> bytes:
+    """A JPEG whose EXIF orientation turns it for display: a crop is cut in stored pixels, then turned."""
     exif = Image.Exif()
-    exif[0x0112] = 6  # shown rotated 90 degrees: a crop is cut in stored pixels, then turned
-    return encoded(photo(500, 375, 2), exif=exif, quality=90)
+    exif[0x0112] = orientation
+    return encoded(photo(width, height, orientation), exif=exif, quality=90)
+
+
+def sixteen_bit() -> bytes:
+    rng = np.random.default_rng(13)
+    return encoded(Image.fromarray(rng.integers(0, 65535, (150, 200), dtype=np.uint16)), "PNG")
 
 
 def palette_transparent() -> bytes:
@@ -59,7 +65,7 @@ def palette_transparent() -> bytes:
 # member -> bytes; VG's own layout: VG_100K/<image_id>.jpg in images.zip, VG_100K_2/ in images2.zip
 MEMBERS = {
     "VG_100K/1.jpg": lambda: encoded(photo(800, 600, 1), quality=90),
-    "VG_100K/2.jpg": upright_six,
+    "VG_100K/2.jpg": lambda: turned(6),
     "VG_100K/3.jpg": lambda: encoded(photo(256, 256, 3, "L"), progressive=True),
     "VG_100K/4.png": lambda: encoded(photo(640, 480, 4, "RGBA"), "PNG"),
     "VG_100K/5.png": palette_transparent,
@@ -67,6 +73,9 @@ MEMBERS = {
     "VG_100K/7.jpg": lambda: b"<html>not an image</html>",
     "VG_100K/8.jpg": lambda: encoded(photo(1000, 600, 8)),  # over max_pixels
     "VG_100K/9.jpg": lambda: encoded(photo(800, 600, 9, "CMYK")),
+    "VG_100K/13.png": sixteen_bit,
+    # every other EXIF orientation (1 is the plain photos'), on small images
+    **{f"VG_100K/o{n}.jpg": (lambda n=n: turned(n, 200, 150)) for n in (2, 3, 4, 5, 7, 8)},
 }
 
 
@@ -174,9 +183,10 @@ def test_regions_cut_from_one_decode_are_what_each_row_alone_gives(tmp_path):
 def test_on_image_gets_each_rows_outcome_once(tmp_path):
     rows = vg_rows(tmp_path)
     seen = []
-    got = read_local(rows, CFG, on_image=seen.append)
+    got = read_local(rows, CFG, on_image=lambda key, fetched: seen.append((key, fetched)))
     assert len(seen) == rows.height
-    assert sorted(map(id, seen)) == sorted(map(id, got.values())), "each returned outcome, once"
+    assert sorted(key for key, _ in seen) == sorted(got), "each row's key, once"
+    assert all(got[key] is fetched for key, fetched in seen), "with that row's returned outcome"
 
 
 def test_an_image_is_read_opened_and_decoded_once_for_all_its_regions(tmp_path, monkeypatch):
