@@ -46,8 +46,14 @@ def process_shard(
     if tokens:
         tokens.give_way()
     progress = Reporter(counter, "fetch")
-    counted = lambda got: progress.add(images=got.jpg is not None, failed=got.jpg is None)  # noqa: E731
-    fetched = fetch_images(cfg, rows, paths, counted)
+    calibration = tokens.calibration_feed(image_keys(rows)) if tokens else None
+
+    def on_image(key: str, got) -> None:
+        progress.add(images=got.jpg is not None, failed=got.jpg is None)
+        if calibration:
+            calibration(key, got)
+
+    fetched = fetch_images(cfg, rows, paths, on_image)
     progress.add(shards=1)
     progress.flush()
     made = tokens.request(fetched, paths.out, rows["key"].to_list()) if tokens else None
@@ -76,7 +82,8 @@ def filter_chain(cfg: BuildConfig, source: str) -> list[FilterConfig]:
 
 
 def fetch_images(cfg: BuildConfig, rows: pl.DataFrame, paths: ShardPaths, on_image=None) -> dict:
-    """{key: Fetched} for every wanted row with an image; `on_image(fetched)` is called as each one is known."""
+    """{key: Fetched} for every wanted row with an image (`image_keys`); `on_image(key, fetched)` is called as
+    each one is known."""
     wanted = rows.filter(pl.col("reason").is_null())
     from_urls = wanted.filter(pl.col("image_url").is_not_null() & pl.col("image_path").is_null())
     from_files = wanted.filter(pl.col("image_path").is_not_null())
@@ -84,3 +91,9 @@ def fetch_images(cfg: BuildConfig, rows: pl.DataFrame, paths: ShardPaths, on_ima
     if from_files.height:
         fetched.update(read_local(from_files.select("key", "image_path", "crop_box"), cfg, on_image))
     return fetched
+
+
+def image_keys(rows: pl.DataFrame) -> list[str]:
+    """The keys `fetch_images` gives an outcome, in plan order: wanted rows with an image URL or path."""
+    has_image = pl.col("image_url").is_not_null() | pl.col("image_path").is_not_null()
+    return rows.filter(pl.col("reason").is_null() & has_image)["key"].to_list()

@@ -236,6 +236,44 @@ def test_int8_streaming_calibration_waits_for_the_first_shards_in_plan_order(tmp
     np.testing.assert_array_equal(got, want)
 
 
+def test_int8_calibration_is_offered_once_a_shards_first_images_in_plan_order_are_fetched(tmp_path, ray_session):
+    """While a streaming shard still fetches, its feed offers the calibration as soon as its first 32 decodable
+    images in plan order are known, whatever order the outcomes come in: the images the token pass takes from
+    the finished tar."""
+    import random
+
+    import ray
+
+    from pmd_pipeline.tokens.stage import CalibrationCollector, CalibrationFeed
+    from shards.writer import Fetched
+
+    keys = [f"k{i:02d}" for i in range(45)]
+    outcomes = {key: Fetched(jpg=jpeg(i)) for i, key in enumerate(keys)}
+    outcomes["k02"] = Fetched(reason="http_404", error="HTTP Error 404")  # no image in the tar
+    outcomes["k05"] = Fetched(jpg=b"<html>not an image</html>")  # in the tar, not decodable
+    outcomes["k07"] = Fetched(jpg=jpeg(7, (224, 100)))  # not square
+    paths = ShardPaths(tmp_path, "toy", 0)
+    paths.folder.mkdir(parents=True)
+    samples = [{"__key__": k, "txt": b"x", **({"jpg": f.jpg} if f.jpg else {})} for k, f in outcomes.items()]
+    write_tar(paths.tar, samples)
+    want = calibration_pixels([paths])  # the 32nd decodable image in plan order is k34's
+    collector = CalibrationCollector.remote(1)
+    try:
+        feed = CalibrationFeed(collector, 0, keys)
+        arrivals = [key for key in keys if key != "k34"]
+        random.Random(0).shuffle(arrivals)
+        for key in arrivals:
+            feed(key, outcomes[key])
+        ready, _ = ray.wait([collector.calibration.remote()], timeout=0.5)
+        assert ready == [] and not feed.offered, "k34's outcome is not known yet"
+        feed("k34", outcomes["k34"])
+        assert feed.offered
+        got = ray.get(collector.calibration.remote(), timeout=30)
+    finally:
+        ray.kill(collector)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_a_build_holds_one_precision_of_tokens_unless_forced(tmp_path, small):
     _, identity, tokenizer = small
     first, second = make_shard(tmp_path / "a", n=1), make_shard(tmp_path / "b", n=1)

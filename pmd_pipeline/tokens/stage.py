@@ -232,9 +232,11 @@ class ShardTokens:
         self._offer_calibration(dict(zip(keys, pixels, strict=True)), plan_keys)
         crash_point("tokens_requested", out)
         # ray.get in a task gives its CPU back while it waits, so later shards fetch meanwhile
-        grids = ray.get(self.actor.encode.remote(np.stack(pixels), str(out))) if pixels else []
+        grids, agreement = ray.get(self.actor.encode.remote(np.stack(pixels), str(out))) if pixels else ([], None)
         if self.precision == "int8" and self.int8_agreement is None:
-            self.int8_agreement = ray.get(self.actor.describe.remote())[2]  # known once the actor calibrated
+            # known once the actor calibrated. It comes with the tokens: a separate call would queue behind
+            # every shard sent to the actor meanwhile, and hold this task (and its in-flight slot) until then.
+            self.int8_agreement = agreement if pixels else ray.get(self.actor.describe.remote())[2]
         tokens = {}
         for key, grid in zip(keys, grids, strict=True):
             problem = token_problem(grid)
@@ -246,6 +248,15 @@ class ShardTokens:
         progress.add(shards=1)
         progress.flush()
         return tokens, failures, time.time() - started
+
+    def calibration_feed(self, image_keys: list[str]) -> CalibrationFeed | None:
+        """int8 streaming: an `on_image(key, fetched)` for this shard's fetch that offers the calibration its
+        images as soon as the first ones in plan order are known, so the actors quantize while the rest of the
+        shard fetches (a shard of 100 images at 0.5 s each took 13 s to fetch whole). `image_keys`: the keys
+        that get an image outcome, in plan order. None when the calibration does not wait for this shard."""
+        if self.collector is None or not ray.get(self.collector.needs.remote(self.index)):
+            return None
+        return CalibrationFeed(self.collector, self.index, image_keys)
 
     def _offer_calibration(self, rgb: dict[str, np.ndarray], plan_keys: list[str]) -> None:
         """Before asking for tokens (the actor may be waiting for these very images to calibrate)."""
@@ -264,6 +275,37 @@ class ShardTokens:
             precision=self.precision,
             int8_agreement_vs_fp32=self.int8_agreement,
         )
+
+
+class CalibrationFeed:
+    """A shard's first CALIBRATION_IMAGES decodable images in plan order, offered to the CalibrationCollector
+    once they are all known: the same images `ShardTokens._offer_calibration` takes from the whole shard."""
+
+    def __init__(self, collector, index: int, image_keys: list[str]):
+        self.collector, self.index, self.keys = collector, index, image_keys
+        self.waiting: dict[str, Fetched] = {}  # outcomes that came before an earlier key's
+        self.next = 0  # the first place in plan order whose outcome is not known yet
+        self.rgb: list[np.ndarray] = []
+        self.offered = False
+
+    def __call__(self, key: str, fetched: Fetched) -> None:
+        if self.offered:
+            return
+        self.waiting[key] = fetched
+        while self.next < len(self.keys) and self.keys[self.next] in self.waiting and not self._full():
+            got = self.waiting.pop(self.keys[self.next])
+            self.next += 1
+            if got.jpg is not None:
+                try:
+                    self.rgb.append(encoder_rgb(got.jpg))
+                except BadImage:
+                    pass
+        if self._full() or self.next == len(self.keys):
+            self.offered = True
+            ray.get(self.collector.offer.remote(self.index, self.rgb))
+
+    def _full(self) -> bool:
+        return len(self.rgb) == CALIBRATION_IMAGES
 
 
 class TokenPool:
@@ -384,8 +426,9 @@ class TokenizeActor:
                 raise PmdError("dVAE precision int8 needs calibration images and none were given")
             self.tokenizer.calibrate(ray.get(self.collector.calibration.remote()))
 
-    def encode(self, pixels: np.ndarray, out: str) -> np.ndarray:
-        """uint16 [N, 14, 14] tokens of uint8 [N, 112, 112, 3] pixels (encoder_rgb's), in batches."""
+    def encode(self, pixels: np.ndarray, out: str) -> tuple[np.ndarray, float | None]:
+        """uint16 [N, 14, 14] tokens of uint8 [N, 112, 112, 3] pixels (encoder_rgb's), in batches, and int8's
+        agreement with fp32 (None in fp32 and bf16)."""
         crash_point("tokens", out)
         self._calibrated()
         grids = []
@@ -393,7 +436,7 @@ class TokenizeActor:
             grids.append(self.tokenizer.tokens(encoder_input(pixels[start : start + self.batch_size])))
             self.progress.add(images=len(grids[-1]))
         self.progress.flush()
-        return np.concatenate(grids)
+        return np.concatenate(grids), self.tokenizer.int8_agreement
 
     def tokenize(self, paths: ShardPaths, force: bool) -> dict:
         from pmd_pipeline.tokens.shard import tokenize_shard
