@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# albumentations asks pypi.org for a newer version when imported; a test module may import it before
+# pmd_pipeline (whose __init__ sets this too). No test reaches any address but 127.0.0.1.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
 REALDATA = Path(os.environ.get("PMD_REALDATA", Path(__file__).resolve().parents[2] / "shared" / "realdata"))
 
 
