@@ -111,7 +111,7 @@ class TokenizeConfig:
     # auto (bf16 on GPUs with bf16, fp32 on CPUs), fp32, bf16, or int8 (CPU, ~5x fp32, approximate: the
     # agreement with fp32 is measured on held-out images of the build and recorded in every sidecar)
     precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"  # dvae.PRECISIONS
-    actors: AtLeastZero = 0  # 0 = one per GPU, or one CPU actor using every core
+    actors: AtLeastZero = 0  # 0 = one per GPU, or one single-threaded CPU actor per core
     seed: AtLeastZero = 0  # of the random codebook
 
 

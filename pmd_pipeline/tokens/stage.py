@@ -1,7 +1,7 @@
 """The token stage on Ray: a pool of actors that each load the dVAE encoder once.
 
-One actor per GPU when the cluster has GPUs; otherwise CPU actors (by default one, using every core:
-the encoder's convolutions already use all threads, and a second copy of 54M parameters buys nothing).
+One actor per GPU when the cluster has GPUs; otherwise CPU actors, by default one single-threaded actor
+per core of the largest node (see `_actor_count`).
 
 In `pmd build` the stage streams: each shard task, once its images are fetched, sends their pixels to an
 actor (`ShardTokens.request`) and writes its tar once, with the tokens, while later shards fetch. The token
@@ -360,8 +360,12 @@ class TokenPool:
 
 
 def _actor_count(tcfg: TokenizeConfig) -> int:
+    """One actor per GPU; without GPUs one single-threaded actor per core of the largest node. One encoder
+    on every core, its threads meeting at each layer, lost a fifth of its rate whenever a fetching task took a
+    core for a moment (the others wait at the barrier); single-threaded actors wait for nobody: a streaming
+    build took 234 s against 274 s on 2 cores (BENCHMARKS.md, issue 14)."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    return tcfg.actors or gpus or 1
+    return tcfg.actors or gpus or _node_cpus()
 
 
 def _node_cpus() -> int:
