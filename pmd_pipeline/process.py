@@ -46,7 +46,7 @@ def process_shard(
     if tokens:
         tokens.give_way()
     progress = Reporter(counter, "fetch")
-    calibration = tokens.calibration_feed(image_keys(rows)) if tokens else None
+    calibration = tokens.calibration_feed(image_rows(rows)["key"].to_list()) if tokens else None
 
     def on_image(key: str, got) -> None:
         progress.add(images=got.jpg is not None, failed=got.jpg is None)
@@ -56,7 +56,9 @@ def process_shard(
     fetched = fetch_images(cfg, rows, paths, on_image)
     progress.add(shards=1)
     progress.flush()
-    made = tokens.request(fetched, paths.out, rows["key"].to_list()) if tokens else None
+    if calibration:
+        calibration.finish(fetched)
+    made = tokens.request(fetched, paths.out) if tokens else None
     stats = write_shard(paths, rows, fetched, made[0] if made else None)
     if made:
         write_sidecar(paths, tokens.sidecar(*made, stats))
@@ -82,10 +84,10 @@ def filter_chain(cfg: BuildConfig, source: str) -> list[FilterConfig]:
 
 
 def fetch_images(cfg: BuildConfig, rows: pl.DataFrame, paths: ShardPaths, on_image=None) -> dict:
-    """{key: Fetched} for every wanted row with an image (`image_keys`); `on_image(key, fetched)` is called as
+    """{key: Fetched} for every wanted row with an image (`image_rows`); `on_image(key, fetched)` is called as
     each one is known."""
-    wanted = rows.filter(pl.col("reason").is_null())
-    from_urls = wanted.filter(pl.col("image_url").is_not_null() & pl.col("image_path").is_null())
+    wanted = image_rows(rows)
+    from_urls = wanted.filter(pl.col("image_path").is_null())
     from_files = wanted.filter(pl.col("image_path").is_not_null())
     fetched = fetch_urls(from_urls.select("key", "image_url"), cfg, paths.work, on_image) if from_urls.height else {}
     if from_files.height:
@@ -93,7 +95,7 @@ def fetch_images(cfg: BuildConfig, rows: pl.DataFrame, paths: ShardPaths, on_ima
     return fetched
 
 
-def image_keys(rows: pl.DataFrame) -> list[str]:
-    """The keys `fetch_images` gives an outcome, in plan order: wanted rows with an image URL or path."""
+def image_rows(rows: pl.DataFrame) -> pl.DataFrame:
+    """The rows `fetch_images` gives an outcome, in plan order: wanted rows with an image URL or path."""
     has_image = pl.col("image_url").is_not_null() | pl.col("image_path").is_not_null()
-    return rows.filter(pl.col("reason").is_null() & has_image)["key"].to_list()
+    return rows.filter(pl.col("reason").is_null() & has_image)

@@ -274,6 +274,34 @@ def test_int8_calibration_is_offered_once_a_shards_first_images_in_plan_order_ar
     np.testing.assert_array_equal(got, want)
 
 
+def test_a_shard_with_fewer_calibration_images_offers_them_once_it_is_fetched(tmp_path, ray_session):
+    """Five images, one failed: the feed cannot know it has them all until the fetch ends (`finish`), then
+    offers them, the token pass's images over the same tar; an outcome the feed never saw is taken too."""
+    import ray
+
+    from pmd_pipeline.tokens.stage import CalibrationCollector, CalibrationFeed
+    from shards.writer import Fetched
+
+    keys = [f"k{i}" for i in range(6)]
+    fetched = {key: Fetched(jpg=jpeg(i)) for i, key in enumerate(keys)}
+    fetched["k3"] = Fetched(reason="timeout", error="timed out")
+    paths = ShardPaths(tmp_path, "toy", 0)
+    paths.folder.mkdir(parents=True)
+    write_tar(paths.tar, [{"__key__": k, "txt": b"x", **({"jpg": f.jpg} if f.jpg else {})} for k, f in fetched.items()])
+    collector = CalibrationCollector.remote(1)
+    try:
+        feed = CalibrationFeed(collector, 0, keys)
+        for key in ("k5", "k0", "k3", "k2"):  # k1 and k4 never reported
+            feed(key, fetched[key])
+        assert not feed.offered
+        feed.finish(fetched)
+        assert feed.offered
+        got = ray.get(collector.calibration.remote(), timeout=30)
+    finally:
+        ray.kill(collector)
+    np.testing.assert_array_equal(got, calibration_pixels([paths]))
+
+
 def test_a_build_holds_one_precision_of_tokens_unless_forced(tmp_path, small):
     _, identity, tokenizer = small
     first, second = make_shard(tmp_path / "a", n=1), make_shard(tmp_path / "b", n=1)

@@ -209,14 +209,12 @@ class ShardTokens:
         if self.on_cpu:
             os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), FETCH_NICENESS))
 
-    def request(
-        self, fetched: dict[str, Fetched], out, plan_keys: list[str]
-    ) -> tuple[dict[str, bytes], Counter, float]:
+    def request(self, fetched: dict[str, Fetched], out) -> tuple[dict[str, bytes], Counter, float]:
         """{key: KEY.dvae.npy bytes} of every fetched image, the failures by reason, and the seconds it took.
 
         The same bytes and reasons as the token pass over a written tar (tokens.shard.add_tokens): decoding
         and resizing happen here, on the fetching CPU; the actor gets uint8 pixels and only encodes.
-        `plan_keys`: the shard's keys in plan (= tar) order, the order int8's calibration takes images in.
+        int8's calibration was offered this shard's images before (`calibration_feed`).
         """
         started = time.time()
         failures: Counter = Counter()
@@ -229,7 +227,6 @@ class ShardTokens:
                 keys.append(key)
             except BadImage as err:
                 failures[err.reason] += 1
-        self._offer_calibration(dict(zip(keys, pixels, strict=True)), plan_keys)
         crash_point("tokens_requested", out)
         # ray.get in a task gives its CPU back while it waits, so later shards fetch meanwhile
         grids, agreement = ray.get(self.actor.encode.remote(np.stack(pixels), str(out))) if pixels else ([], None)
@@ -253,16 +250,11 @@ class ShardTokens:
         """int8 streaming: an `on_image(key, fetched)` for this shard's fetch that offers the calibration its
         images as soon as the first ones in plan order are known, so the actors quantize while the rest of the
         shard fetches (a shard of 100 images at 0.5 s each took 13 s to fetch whole). `image_keys`: the keys
-        that get an image outcome, in plan order. None when the calibration does not wait for this shard."""
+        that get an image outcome, in plan order. None when the calibration does not wait for this shard.
+        Its `finish(fetched)` must be called once the shard is fetched, before `request`."""
         if self.collector is None or not ray.get(self.collector.needs.remote(self.index)):
             return None
         return CalibrationFeed(self.collector, self.index, image_keys)
-
-    def _offer_calibration(self, rgb: dict[str, np.ndarray], plan_keys: list[str]) -> None:
-        """Before asking for tokens (the actor may be waiting for these very images to calibrate)."""
-        if self.collector is not None and ray.get(self.collector.needs.remote(self.index)):
-            in_order = [rgb[key] for key in plan_keys if key in rgb][:CALIBRATION_IMAGES]
-            ray.get(self.collector.offer.remote(self.index, in_order))
 
     def sidecar(self, tokens: dict[str, bytes], failures: Counter, seconds: float, stats: dict) -> dict:
         return make_sidecar(
@@ -278,8 +270,8 @@ class ShardTokens:
 
 
 class CalibrationFeed:
-    """A shard's first CALIBRATION_IMAGES decodable images in plan order, offered to the CalibrationCollector
-    once they are all known: the same images `ShardTokens._offer_calibration` takes from the whole shard."""
+    """A shard's first CALIBRATION_IMAGES decodable images in plan order (the rule `first_rgb` applies to a
+    finished tar), offered to the CalibrationCollector as soon as they are all known."""
 
     def __init__(self, collector, index: int, image_keys: list[str]):
         self.collector, self.index, self.keys = collector, index, image_keys
@@ -289,9 +281,20 @@ class CalibrationFeed:
         self.offered = False
 
     def __call__(self, key: str, fetched: Fetched) -> None:
-        if self.offered:
-            return
-        self.waiting[key] = fetched
+        if not self.offered:
+            self.waiting[key] = fetched
+            self._take_known()
+
+    def finish(self, fetched: dict[str, Fetched]) -> None:
+        """The shard is fetched: take the rest in plan order (a key without an outcome has no image) and offer
+        what there is, e.g. a shard with fewer images than CALIBRATION_IMAGES, or none. The actor may be
+        waiting for these very images: this comes before the shard asks for its tokens."""
+        if not self.offered:
+            self.waiting = {key: fetched.get(key, Fetched()) for key in self.keys[self.next :]}
+            self._take_known()
+            self._offer()
+
+    def _take_known(self) -> None:
         while self.next < len(self.keys) and self.keys[self.next] in self.waiting and not self._full():
             got = self.waiting.pop(self.keys[self.next])
             self.next += 1
@@ -301,6 +304,10 @@ class CalibrationFeed:
                 except BadImage:
                     pass
         if self._full() or self.next == len(self.keys):
+            self._offer()
+
+    def _offer(self) -> None:
+        if not self.offered:
             self.offered = True
             ray.get(self.collector.offer.remote(self.index, self.rgb))
 
