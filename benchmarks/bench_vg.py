@@ -1,5 +1,6 @@
 """Visual Genome region crops per second: `read_local` (each image read and decoded once for all its regions)
-vs the row-by-row path it replaced (`_read_one` per row: a read and a full decode per region), same rows,
+vs the row-by-row path it replaced (`_read_one` per row: a read and a full decode per region, and the region
+scaled whole before its centre is cut: `ResizerBefore`), same rows,
 same archive, rounds alternated (old, new, old, new, old, new); every output must be identical. Each round
 reports wall time and this process's CPU time: the second is steadier when other work shares the cores.
 
@@ -10,8 +11,9 @@ sizes, real region boxes, the first 50 boxes of each of the first 40 images); ge
 when that folder is absent. The pixels are generated: photo-like JPEGs (shapes, texture, noise), about
 115 KB at 800 x 600, quality 90 (VG's own average about 130 KB).
 
-What sharing the decode can save is the decode: a region still pays its resize (most VG regions are
-smaller than 224 px, so they are upscaled with Lanczos), its encode and its crop.
+Sharing the decode saves the decode. Most VG regions are smaller than 224 px and are upscaled with Lanczos:
+the new path computes only the 224 x 224 window the centre crop keeps (pmd_pipeline/fetch/lanczos.py, cv2's
+arithmetic bit for bit), so a region pays a fraction of the resize it paid, its encode and its crop.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import albumentations as A
 import cv2
 import numpy as np
 import polars as pl
@@ -33,7 +36,8 @@ from PIL import Image
 
 from pmd_pipeline.config import BuildConfig, SourceConfig
 from pmd_pipeline.fetch.archives import ArchiveReader
-from pmd_pipeline.fetch.images import _read_one, make_resizer, read_local
+from pmd_pipeline.fetch.images import GuardedResizer, _read_one, _transform, make_resizer, read_local
+from pmd_pipeline.fetch.lanczos import centre_crop_geometry, lanczos_window
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "visual_genome"
 IMAGES, REGIONS_PER_IMAGE, ROUNDS = 40, 50, 3
@@ -62,6 +66,7 @@ def run() -> dict:
         "target": ">= 3",
         "identical_outputs": identical,
         "load_average": {"before": [round(v, 2) for v in load_before], "after": [round(v, 2) for v in os.getloadavg()]},
+        "resize_ms_by_region": resize_by_region(),
         "cpu": cpu_model(),
     }
 
@@ -89,9 +94,21 @@ def measure(rows: pl.DataFrame, cfg: BuildConfig) -> tuple[list[dict], bool]:
     return rounds, identical
 
 
+class ResizerBefore(GuardedResizer):
+    """The resize before the window: cv2 scales the whole region, then albumentations cuts its centre (the
+    transforms built once, as `_resize` has them since this issue; 290be2f built them for every region)."""
+
+    def _lanczos_center_crop(self, img: np.ndarray) -> np.ndarray:
+        scale = _transform(A.SmallestMaxSize, max_size=self.image_size, interpolation=cv2.INTER_LANCZOS4, p=1.0)
+        crop = _transform(A.CenterCrop, height=self.image_size, width=self.image_size)
+        return crop(image=scale(image=img)["image"])["image"]
+
+
 def row_by_row(rows: pl.DataFrame, cfg: BuildConfig) -> dict:
-    """The path before: one read and one full decode per region (one reader for the shard, as read_local had)."""
+    """The path before: one read and one full decode per region (one reader for the shard, as read_local had),
+    each region scaled whole (ResizerBefore)."""
     resizer = make_resizer(cfg.image)
+    resizer.__class__ = ResizerBefore  # the same settings, the resize of before
     reader = ArchiveReader()
     try:
         return {
@@ -99,6 +116,32 @@ def row_by_row(rows: pl.DataFrame, cfg: BuildConfig) -> dict:
         }
     finally:
         reader.close()
+
+
+def resize_by_region(calls: int = 200) -> list[dict]:
+    """One region's centre-crop resize alone, ms of CPU a call: cv2's full Lanczos resize then the crop,
+    against the window (pmd_pipeline/fetch/lanczos.py), on noise pixels of shapes from VG's range."""
+    cv2.setNumThreads(1)
+    rng = np.random.default_rng(0)
+    out = []
+    for height, width in ((80, 100), (150, 160), (60, 150), (100, 300), (40, 200)):
+        src = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        scaled, window = centre_crop_geometry(height, width, 224)
+        lanczos_window(src, scaled, window)  # compiled or loaded before the clock
+        timings = {side: _ms_a_call(side, src, scaled, window, calls) for side in ("cv2_full", "window")}
+        out.append({"region": [height, width], "scaled": list(scaled), **timings})
+    return out
+
+
+def _ms_a_call(side: str, src: np.ndarray, scaled: tuple[int, int], window: tuple, calls: int) -> float:
+    x0, y0, x1, y1 = window
+    start = time.process_time()
+    for _ in range(calls):
+        if side == "window":
+            lanczos_window(src, scaled, window)
+        else:
+            cv2.resize(src, scaled[::-1], interpolation=cv2.INTER_LANCZOS4)[y0:y1, x0:x1]
+    return round((time.process_time() - start) / calls * 1e3, 3)
 
 
 def vg_rows(tmp: Path) -> tuple[pl.DataFrame, str]:

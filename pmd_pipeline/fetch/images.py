@@ -24,6 +24,7 @@ from PIL import ExifTags, Image
 from pmd_pipeline.config import BuildConfig, ImageConfig
 from pmd_pipeline.faults import crash_point
 from pmd_pipeline.fetch.archives import ArchiveReader
+from pmd_pipeline.fetch.lanczos import centre_crop_geometry, lanczos_window, matches_cv2
 from pmd_pipeline.fetch.mirror import rewrite_url
 from pmd_pipeline.fetch.reasons import reason_code
 from pmd_pipeline.fetch.web import WebPolicy, installed
@@ -117,6 +118,8 @@ class GuardedResizer(Resizer):
             if self.resize_only_if_bigger and not downscale:
                 return img
             interpolation = self.downscale_interpolation if downscale else self.upscale_interpolation
+            if mode == ResizeMode.center_crop and _windowed(img, interpolation) and matches_cv2():
+                return self._lanczos_center_crop(img)
             scale = _transform(A.SmallestMaxSize, max_size=self.image_size, interpolation=interpolation, p=1.0)
             img = scale(image=img)["image"]
             if mode == ResizeMode.center_crop:
@@ -139,6 +142,20 @@ class GuardedResizer(Resizer):
                 )
                 img = pad(image=img)["image"]
         return img
+
+    def _lanczos_center_crop(self, img: np.ndarray) -> np.ndarray:
+        """SmallestMaxSize then CenterCrop, as above (albumentations 1.4's size and crop arithmetic), with only
+        the kept window of cv2's Lanczos computed: the same pixels at 1/2 to 1/5 of the cost (fetch/lanczos.py)."""
+        height, width = img.shape[:2]
+        scaled, window = centre_crop_geometry(height, width, self.image_size)
+        if scaled == (height, width):  # albumentations and cv2 return the image as it is
+            return np.ascontiguousarray(img[window[1] : window[3], window[0] : window[2]])
+        return lanczos_window(img, scaled, window)
+
+
+def _windowed(img: np.ndarray, interpolation: int) -> bool:
+    """The case fetch/lanczos.py reproduces: 8-bit colour pixels under Lanczos (an upscale, img2dataset's)."""
+    return interpolation == cv2.INTER_LANCZOS4 and img.dtype == np.uint8 and img.ndim == 3
 
 
 _BUILT = threading.local()  # per thread: img2dataset's download threads share one resizer
