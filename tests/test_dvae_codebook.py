@@ -16,7 +16,7 @@ from transformers import FlavaImageCodebook, FlavaImageCodebookConfig
 
 from pmd_pipeline.errors import PmdError
 from pmd_pipeline.tokens.codebook import codebook_identity, dalle_to_flava_keys, files_identity, load_codebook
-from pmd_pipeline.tokens.encoder import BadImage, DvaeTokenizer, agreement, encoder_pixels, token_problem
+from pmd_pipeline.tokens.encoder import BadImage, DvaeTokenizer, agreement, encoder_pixels, int8_engine, token_problem
 
 SMALL = {"hidden_size": 8, "num_blocks_per_group": 1}  # plumbing tests: real layout, 8192 codes, few weights
 
@@ -250,6 +250,23 @@ def test_int8_tokens_are_valid_deterministic_and_their_agreement_is_measured_on_
     exact = DvaeTokenizer(model, "fp32", "cpu").tokens(held_out)
     assert a.int8_agreement == pytest.approx(agreement(a.tokens(held_out), exact))
     assert DvaeTokenizer(model, "fp32", "cpu").int8_agreement is None
+
+
+def test_int8_from_another_tokenizers_ranges_is_the_same_model():
+    """A streaming build's actors share one calibration: the ranges rebuild the very model (equal logits), and
+    ranges of another architecture are refused."""
+    torch.manual_seed(0)
+    model = FlavaImageCodebook(FlavaImageCodebookConfig(**SMALL)).eval()
+    calibrated = DvaeTokenizer(model, "int8", "cpu", calibration=pixels(6, seed=1))
+    shared = DvaeTokenizer(model, "int8", "cpu")
+    shared.calibrate_from(calibrated.int8_ranges, calibrated.int8_agreement)
+    x = torch.from_numpy(pixels(3, seed=2))
+    with torch.inference_mode(), int8_engine():
+        assert torch.equal(calibrated.model(x), shared.model(x))
+    assert shared.int8_agreement == calibrated.int8_agreement and not shared.needs_calibration
+    other = FlavaImageCodebook(FlavaImageCodebookConfig(**{**SMALL, "num_blocks_per_group": 2})).eval()
+    with pytest.raises(ValueError, match="int8 ranges for another model"):
+        DvaeTokenizer(other, "int8", "cpu").calibrate_from(calibrated.int8_ranges, 1.0)
 
 
 def test_int8_needs_calibration_images():

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import shutil
+import time
 
 import numpy as np
 import polars as pl
@@ -346,3 +347,55 @@ def test_the_streaming_build_writes_each_tar_once_and_equals_the_two_pass_build(
     assert rewritten == []  # every tar written once, with its tokens
     got, want = (json.loads((d / "manifest.json").read_text()) for d in (streamed, two_pass))
     assert got["tokens"] == want["tokens"] and got["totals"] == want["totals"]
+
+
+def test_one_actor_quantizes_and_the_others_get_its_ranges_or_quantize_themselves(ray_session):
+    """The first to claim quantizes; the others wait for what it shares. A failure shared (None), or nothing
+    shared in time (a crashed actor), sends each waiter to quantize for itself; a late failure does not undo
+    a success."""
+    import ray
+
+    from pmd_pipeline.tokens.stage import CalibrationCollector
+
+    collector = CalibrationCollector.remote(1)
+    try:
+        assert ray.get(collector.claim.remote()) is True
+        assert ray.get(collector.claim.remote()) is False
+        assert ray.get(collector.shared.remote(0.2)) is None  # the claimer is still at it (or dead)
+        waiting = collector.shared.remote(30)
+        ray.get(collector.share.remote(({"ranges": 1}, 0.93)))
+        assert ray.get(waiting, timeout=30) == ({"ranges": 1}, 0.93)
+        ray.get(collector.share.remote(None))  # a waiter that quantized for itself and failed
+        assert ray.get(collector.shared.remote(1)) == ({"ranges": 1}, 0.93)
+    finally:
+        ray.kill(collector)
+    failed = CalibrationCollector.remote(1)
+    try:
+        ray.get(failed.claim.remote())
+        ray.get(failed.share.remote(None))
+        assert ray.get(failed.shared.remote(30)) is None  # at once: each actor quantizes for itself
+    finally:
+        ray.kill(failed)
+
+
+@pytest.mark.slow
+def test_an_int8_streaming_build_without_images_fails_its_shards_with_the_reason_and_does_not_hang(
+    tmp_path, small, caplog, ray_session
+):
+    """Text only: int8 has no image to calibrate on. Every actor starts quantizing at once and waits for the
+    others; the failure must reach the shard tasks (stated, the shards unfinished), not leave them waiting."""
+    import logging
+
+    from pmd_pipeline.config import TokenizeConfig
+    from pmd_pipeline.embedded import default_config
+    from tests.helpers import build_embedded
+
+    folder, _, _ = small
+    out = tmp_path / "out"
+    text_only = [s for s in default_config(str(out)).sources if s.name == "text_corpus"]
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR):
+        result = build_embedded(out, tokenize=TokenizeConfig(codebook=str(folder), precision="int8"), sources=text_only)
+    assert result.failed and result.shards_failed and result.shards_done == 0
+    assert "int8 calibrates on the build's images, and it has 0" in caplog.text
+    assert time.monotonic() - started < 300

@@ -42,6 +42,7 @@ from shards.writer import Fetched
 
 CALIBRATION_IMAGES = 32  # int8: half fit the activation ranges, half measure agreement with fp32
 FETCH_NICENESS = 10  # of a fetching task while CPU actors encode (ShardTokens.give_way)
+SHARED_RANGES_WAIT_S = 600.0  # an actor waits this long for another's int8 ranges, then quantizes for itself
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,9 @@ class CalibrationCollector:
         self.offered: dict[int, list[np.ndarray]] = {}
         self.decided: np.ndarray | PmdError | None = None
         self.event = asyncio.Event()
+        self.claimed = False  # an actor is quantizing: the others wait for its ranges (`shared`)
+        self.quantized: tuple | None = None
+        self.quantized_event = asyncio.Event()
 
     async def offer(self, index: int, rgb: list[np.ndarray]) -> None:
         if self.decided is None:
@@ -114,6 +118,29 @@ class CalibrationCollector:
         if isinstance(self.decided, PmdError):
             raise self.decided
         return self.decided
+
+    async def claim(self) -> bool:
+        """True for the first actor to ask: it quantizes and `share`s its ranges. Each actor quantizing for
+        itself ran the same ~30 s of fp32 passes on every core at once, while the fetch tasks waited for them."""
+        first, self.claimed = not self.claimed, True
+        return first
+
+    async def share(self, quantized: tuple | None) -> None:
+        """(int8 ranges, agreement) from the actor that claimed, or None if it failed: each actor then quantizes
+        for itself (and meets the same error, where its shard task reports it)."""
+        self.quantized = self.quantized or quantized  # a later actor's failure does not undo a success
+        self.quantized_event.set()
+
+    async def shared(self, timeout_s: float) -> tuple | None:
+        """The claimer's (ranges, agreement); None if it failed or has not shared within `timeout_s` (a
+        crashed actor never will): the caller quantizes for itself, so nothing waits on a dead actor."""
+        import asyncio
+
+        try:
+            await asyncio.wait_for(self.quantized_event.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return None
+        return self.quantized
 
     def _decide(self) -> None:
         rgb: list[np.ndarray] = []
@@ -341,6 +368,9 @@ class TokenPool:
             except BaseException:
                 self.close()
                 raise
+        elif self.precision == "int8":
+            for actor in self.actors:  # each actor's first call: every encode queues behind it
+                actor.calibrate_early.remote()
 
     def target(self, index: int = 0) -> tuple[int, ShardTokens]:
         """The least-loaded actor for the shard at `index` in plan order (the actor's number: give it back
@@ -431,11 +461,33 @@ class TokenizeActor:
         self._calibrated()
         return self.identity, self.tokenizer.precision, self.tokenizer.int8_agreement
 
+    def calibrate_early(self) -> None:
+        """Streaming int8: quantize as soon as the collector has the first images, while the first shard is
+        still fetching, not at the first `encode` (once that shard is whole). A failure here is not lost: the
+        first `encode` calls `_calibrated` again and raises it in the shard task that asked."""
+        try:
+            self._calibrated()
+        except Exception:  # noqa: BLE001 - raised again by the first encode, where a shard task reports it
+            pass
+
     def _calibrated(self) -> None:
-        if self.tokenizer.needs_calibration:  # the actor runs one call at a time: the others queue behind this
-            if self.collector is None:
-                raise PmdError("dVAE precision int8 needs calibration images and none were given")
+        """int8 streaming: the first actor to get here quantizes on the collector's images and shares the
+        ranges; the others make the same model from them (3 s instead of ~30 s of CPU each).
+        The actor runs one call at a time: the others queue behind this."""
+        if not self.tokenizer.needs_calibration:
+            return
+        if self.collector is None:
+            raise PmdError("dVAE precision int8 needs calibration images and none were given")
+        if not ray.get(self.collector.claim.remote()):
+            shared = ray.get(self.collector.shared.remote(SHARED_RANGES_WAIT_S))
+            if shared is not None:
+                self.tokenizer.calibrate_from(*shared)
+                return
+        try:
             self.tokenizer.calibrate(ray.get(self.collector.calibration.remote()))
+        finally:
+            done = not self.tokenizer.needs_calibration
+            self.collector.share.remote((self.tokenizer.int8_ranges, self.tokenizer.int8_agreement) if done else None)
 
     def encode(self, pixels: np.ndarray, out: str) -> tuple[np.ndarray, float | None]:
         """uint16 [N, 14, 14] tokens of uint8 [N, 112, 112, 3] pixels (encoder_rgb's), in batches, and int8's
