@@ -204,9 +204,13 @@ def _report_build(cfg: BuildConfig, result) -> None:
         f"{result.shards_skipped} already finished, {len(result.shards_failed)} failed"
     )
     for source, why in result.sources_failed.items():
-        console.print(f"[red]source {source} failed:[/] {escape(str(why))}", highlight=False)
+        console.print(f"[red]source {source} failed:[/] {escape(str(why))}", highlight=False, soft_wrap=True)
     for shard in result.shards_failed:
-        console.print(f"[red]failed:[/] {escape(str(shard))} (re-run the same command to retry it)", highlight=False)
+        console.print(
+            f"[red]failed:[/] {escape(str(shard))} (re-run the same command to retry it)",
+            highlight=False,
+            soft_wrap=True,
+        )
     if result.manifest:
         totals = result.manifest["totals"]
         console.print(
@@ -370,7 +374,9 @@ def _run_tokenize(out: Path, codebook: str | None, force: bool, precision: str |
     with BuildDisplay(console, saved_config(out).run.progress_every_s) as display:
         result = retokenize(out, codebook, force, display.show, precision)
     for failure in result["failed"]:
-        console.print(f"[red]failed:[/] {escape(failure)} (re-run the same command to retry)", highlight=False)
+        console.print(
+            f"[red]failed:[/] {escape(failure)} (re-run the same command to retry)", highlight=False, soft_wrap=True
+        )
     console.print(f"[bold]{escape(str(out))}[/]: {result['shards']} shards, {result['tokenized']} tokenized now")
     if result["manifest"]:
         console.print(f"codebook: {result['manifest']['tokens']['note']}", markup=False, highlight=False)
@@ -548,7 +554,9 @@ def _errors_as_messages():
     except PmdError as err:
         cause = getattr(err, "cause", None)
         message = str(cause if isinstance(cause, PmdError) else err)
-        console.print(f"[red]error:[/] {escape(message)}", highlight=False)  # messages quote [sections]
+        # soft_wrap: one line, as said; rich would break it at the console's width (80 columns in a log),
+        # splitting paths and words a reader or a grep looks for
+        console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # messages quote [sections]
         raise typer.Exit(2) from None
 
 

@@ -24,14 +24,19 @@ def write_config(tmp_path, text: str):
 
 def one_line_error(result, *fragments: str) -> None:
     assert result.exit_code == 2, result.output
-    message = " ".join(result.output.split())  # rich may wrap long lines
-    assert message.startswith("error:"), result.output
+    assert result.output.startswith("error:") and result.output.count("\n") == 1, result.output  # never wrapped
     for fragment in fragments:
-        assert fragment in message, result.output
+        assert fragment in result.output, result.output
 
 
 def test_unreadable_config(tmp_path):
     one_line_error(run("build", "--config", str(write_config(tmp_path, "out = [unclosed"))), "not valid TOML")
+
+
+def test_a_long_error_stays_one_line_for_logs_and_grep(tmp_path):
+    """rich wrapped messages at the console's width (80 columns off a terminal), splitting paths."""
+    config = tmp_path / ("a-folder-name-long-enough-to-pass-eighty-columns-" * 3) / "nope.toml"
+    one_line_error(run("build", "--config", str(config)), "config file not found", str(config))
 
 
 def test_missing_config(tmp_path):
