@@ -26,7 +26,9 @@ from pmd_pipeline.errors import PmdError, is_disk_full
 from pmd_pipeline.storage import as_path, check_readable, check_writable, is_remote, url_of
 
 app = typer.Typer(help="Rebuild PMD as webdataset shards and pretrain FLAVA on them.", no_args_is_help=True)
-console = Console(stderr=True)
+# soft_wrap: every message stays one line; rich breaks lines at the console width otherwise (80 columns
+# off a terminal: a log, CI), splitting paths and commands a reader copies or greps for
+console = Console(stderr=True, soft_wrap=True)
 
 
 def main() -> None:
@@ -198,19 +200,15 @@ def _report_build(cfg: BuildConfig, result) -> None:
 
     if result.progress:
         for line in summary_lines(result.progress):
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
+            console.print(line, markup=False, highlight=False)
     console.print(
         f"[bold]{escape(str(cfg.out))}[/]: {result.shards_total} shards, {result.shards_done} built now, "
         f"{result.shards_skipped} already finished, {len(result.shards_failed)} failed"
     )
     for source, why in result.sources_failed.items():
-        console.print(f"[red]source {source} failed:[/] {escape(str(why))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]source {source} failed:[/] {escape(str(why))}", highlight=False)
     for shard in result.shards_failed:
-        console.print(
-            f"[red]failed:[/] {escape(str(shard))} (re-run the same command to retry it)",
-            highlight=False,
-            soft_wrap=True,
-        )
+        console.print(f"[red]failed:[/] {escape(str(shard))} (re-run the same command to retry it)", highlight=False)
     if result.manifest:
         totals = result.manifest["totals"]
         console.print(
@@ -374,9 +372,7 @@ def _run_tokenize(out: Path, codebook: str | None, force: bool, precision: str |
     with BuildDisplay(console, saved_config(out).run.progress_every_s) as display:
         result = retokenize(out, codebook, force, display.show, precision)
     for failure in result["failed"]:
-        console.print(
-            f"[red]failed:[/] {escape(failure)} (re-run the same command to retry)", highlight=False, soft_wrap=True
-        )
+        console.print(f"[red]failed:[/] {escape(failure)} (re-run the same command to retry)", highlight=False)
     console.print(f"[bold]{escape(str(out))}[/]: {result['shards']} shards, {result['tokenized']} tokenized now")
     if result["manifest"]:
         console.print(f"codebook: {result['manifest']['tokens']['note']}", markup=False, highlight=False)
@@ -554,9 +550,7 @@ def _errors_as_messages():
     except PmdError as err:
         cause = getattr(err, "cause", None)
         message = str(cause if isinstance(cause, PmdError) else err)
-        # soft_wrap: one line, as said; rich would break it at the console's width (80 columns in a log),
-        # splitting paths and words a reader or a grep looks for
-        console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # messages quote [sections]
+        console.print(f"[red]error:[/] {escape(message)}", highlight=False)  # messages quote [sections]
         raise typer.Exit(2) from None
 
 

@@ -108,3 +108,5 @@ def test_a_build_logging_to_a_file_writes_periodic_progress_lines(ray_session, t
     assert all(" | fetch " in line and " | tokens " in line and "ETA" in line for line in lines)
     assert token_counts(text)[-1] > token_counts(text)[0]
     assert "random seeded codebook" not in text  # a real (small) codebook: no placeholder note
+    out = tmp_path / "out"  # the closing lines are one line each, however long (rich broke them at 80 columns)
+    assert f"\n{out}: 17 shards, 17 built now" in text and f"`pmd stats {out}` for more.\n" in text
